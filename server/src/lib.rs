@@ -1,0 +1,23 @@
+//! # blackbox-server: receive, store, and (later) grind, index and grep
+//!
+//! The receiving path, left to right:
+//!
+//! - [`receive`]: the axum router. Load shedding first (a fixed number of in-flight requests;
+//!   over it, 503 + Retry-After at once), then the device identity, the body read with a size
+//!   limit and a timeout, and [`blackbox_protocol::Chunk::decode`], the one checked parse.
+//! - [`segment`]: group commit. Valid chunks go to one committer task that appends them to the
+//!   open segment and writes it as one object at 16 MiB or 1 s, then its index object, and only
+//!   then acknowledges every chunk in it. It also recognises retries by chunk identity.
+//! - [`store`]: the object store from a URL (`file://` default, `s3://`, `memory://`).
+//!
+//! Guarantee: a 2xx answer means the chunk is durably in the store. Anything else means it may
+//! not be, and the agent keeps it and retries.
+#![forbid(unsafe_code)]
+
+pub mod receive;
+pub mod segment;
+pub mod store;
+
+pub use receive::{AppState, ReceiveConfig, app};
+pub use segment::{Committer, SegmentConfig};
+pub use store::Store;
