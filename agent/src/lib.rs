@@ -1,1 +1,20 @@
-//! agent
+//! # blackbox-agent: one ordered log stream, kept safe, uploaded
+//!
+//! The core (no `std`, only `alloc`) is pure logic a test can drive with fake clocks:
+//! - [`kmsg`]: the `/dev/kmsg` record format (`prio,seq,usec,flags;text`, `\xNN` escapes).
+//! - [`schedule`]: when to upload (interval ± jitter, backoff capped at the interval).
+//! - [`buffer`]: the [`buffer::LogBuffer`] trait between reading and uploading: records are
+//!   sealed into chunks with a fixed identity and leave only on the server's acknowledgement.
+//!
+//! The Linux layer (`linux`, behind the `std` feature) reads kmsg, keeps the file spool in the
+//! state directory, uploads over HTTP(S), and runs the loop.
+#![cfg_attr(not(any(test, feature = "std")), no_std)]
+
+extern crate alloc;
+
+pub mod buffer;
+pub mod kmsg;
+pub mod schedule;
+
+#[cfg(all(feature = "std", target_os = "linux"))]
+pub mod linux;

@@ -56,11 +56,10 @@ impl Record {
     /// Highest valid syslog severity.
     pub const MAX_LEVEL: u8 = 7;
 
-    /// A record the agent writes to say that records were lost: `count` records with sequence
-    /// numbers `first..=last`. Its own sequence number is `first`, so it sorts where the lost
-    /// records stood.
-    pub fn gap(first: u64, last: u64, mono_us: u64, reason: &str) -> Self {
-        let count = last.saturating_sub(first).saturating_add(1);
+    /// A record the agent writes to say that `count` records with sequence numbers in
+    /// `first..=last` were lost, and why. Its own sequence number is `first`, so it sorts where
+    /// the lost records stood.
+    pub fn gap(first: u64, last: u64, count: u64, mono_us: u64, reason: &str) -> Self {
         let msg = alloc::format!("blackbox: {count} records lost (seq {first}..{last}): {reason}");
         Self {
             seq: first,

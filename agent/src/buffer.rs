@@ -1,0 +1,47 @@
+//! The buffer between reading the log stream and uploading it.
+//!
+//! The agent appends records as it reads them, *seals* pending records into chunks (fixing each
+//! chunk's identity, so every retry sends the same bytes), uploads the oldest sealed chunk, and
+//! removes it only when the server acknowledged it. Implementations: a file spool in the state
+//! directory (`linux::spool`) and, next, the persistent RAM ring.
+use alloc::vec::Vec;
+
+use blackbox_protocol::{BootId, ChunkId, Record, SyncPoint};
+
+/// A sealed chunk: its identity and the exact bytes to send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sealed {
+    /// Identity.
+    pub id: ChunkId,
+    /// Encoded chunk (one gzip member).
+    pub bytes: Vec<u8>,
+}
+
+/// What the agent needs from its buffer.
+pub trait LogBuffer {
+    /// The buffer's error type.
+    type Error: core::fmt::Debug + core::fmt::Display;
+
+    /// The last sequence number of `boot` already held (sealed or acknowledged): reading the
+    /// log stream resumes after it, so an agent restart neither duplicates nor skips records.
+    fn resume_after(&self, boot: &BootId) -> Option<u64>;
+
+    /// Adds a record of the current boot.
+    fn append(&mut self, rec: Record) -> Result<(), Self::Error>;
+
+    /// Bytes appended but not sealed yet (an estimate of their JSON size).
+    fn pending_bytes(&self) -> usize;
+
+    /// Seals pending records into chunks stamped with `sync`.
+    fn seal(&mut self, sync: SyncPoint) -> Result<(), Self::Error>;
+
+    /// The oldest sealed chunk not acknowledged yet.
+    fn next_unacked(&mut self) -> Result<Option<Sealed>, Self::Error>;
+
+    /// The server acknowledged `id`: it will never be sent again.
+    fn ack(&mut self, id: &ChunkId) -> Result<(), Self::Error>;
+
+    /// The server rejected `id` as invalid (a 4xx that no retry can fix): set it aside, so it
+    /// neither blocks the chunks behind it nor disappears without a trace.
+    fn reject(&mut self, id: &ChunkId, reason: &str) -> Result<(), Self::Error>;
+}

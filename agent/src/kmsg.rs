@@ -1,0 +1,164 @@
+//! The `/dev/kmsg` record format, parsed without std.
+//!
+//! ```text
+//! 6,1234,5012345,-;eth0: link up\n          prio,seq,usec,flags[,...];text
+//!  SUBSYSTEM=net\n                          optional continuation (dictionary) lines
+//! ```
+//! `prio` is `facility << 3 | level`. The kernel escapes non-printable bytes (and `\`) in `text`
+//! as `\xNN`; [`parse`] turns them back into the original bytes.
+use alloc::vec::Vec;
+
+/// One record as read from kmsg.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KmsgRecord {
+    /// Severity 0..=7.
+    pub level: u8,
+    /// Facility (0 kernel, 1 user, ...).
+    pub facility: u8,
+    /// The kernel's sequence number (per boot).
+    pub seq: u64,
+    /// Monotonic timestamp, µs since boot.
+    pub usec: u64,
+    /// Message bytes, unescaped.
+    pub msg: Vec<u8>,
+}
+
+/// Why a kmsg line did not parse.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum KmsgError {
+    /// No `;` separating the prefix from the text.
+    NoSeparator,
+    /// A prefix field is missing or not a number.
+    BadPrefix(&'static str),
+}
+
+impl core::fmt::Display for KmsgError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::NoSeparator => f.write_str("kmsg record has no ';'"),
+            Self::BadPrefix(what) => write!(f, "kmsg record prefix: bad {what}"),
+        }
+    }
+}
+
+impl core::error::Error for KmsgError {}
+
+/// Parses one record: the first line of what one `read()` of /dev/kmsg returns (continuation
+/// lines, if present after a `\n`, are ignored).
+pub fn parse(buf: &[u8]) -> Result<KmsgRecord, KmsgError> {
+    let first = buf.split(|b| *b == b'\n').next().unwrap_or(buf);
+    let semi = first
+        .iter()
+        .position(|b| *b == b';')
+        .ok_or(KmsgError::NoSeparator)?;
+    let (prefix, text) = (&first[..semi], &first[semi + 1..]);
+    let mut fields = prefix.split(|b| *b == b',');
+    let prio = num(fields.next(), "priority")?;
+    let seq = num(fields.next(), "sequence")?;
+    let usec = num(fields.next(), "timestamp")?;
+    let prio = u8::try_from(prio.min(255)).unwrap_or(u8::MAX);
+    Ok(KmsgRecord {
+        level: prio & 7,
+        facility: prio >> 3,
+        seq,
+        usec,
+        msg: unescape(text),
+    })
+}
+
+fn num(f: Option<&[u8]>, what: &'static str) -> Result<u64, KmsgError> {
+    let f = f.ok_or(KmsgError::BadPrefix(what))?;
+    if f.is_empty() || f.len() > 20 {
+        return Err(KmsgError::BadPrefix(what));
+    }
+    f.iter().try_fold(0u64, |acc, b| {
+        let d = (*b as char)
+            .to_digit(10)
+            .ok_or(KmsgError::BadPrefix(what))?;
+        acc.checked_mul(10)
+            .and_then(|a| a.checked_add(u64::from(d)))
+            .ok_or(KmsgError::BadPrefix(what))
+    })
+}
+
+/// Reverses the kernel's `\xNN` escaping. A `\x` not followed by two hex digits stays as is.
+pub fn unescape(text: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(text.len());
+    let mut i = 0;
+    while i < text.len() {
+        if text[i] == b'\\' && text.get(i + 1) == Some(&b'x') {
+            if let (Some(h), Some(l)) =
+                (text.get(i + 2).and_then(hex), text.get(i + 3).and_then(hex))
+            {
+                out.push(h << 4 | l);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(text[i]);
+        i += 1;
+    }
+    out
+}
+
+fn hex(b: &u8) -> Option<u8> {
+    (*b as char).to_digit(16).map(|d| d as u8)
+}
+
+/// Formats a record the way the kernel does (used by tests and the replay tools).
+pub fn format(level: u8, facility: u8, seq: u64, usec: u64, msg: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(msg.len() + 32);
+    let prio = u32::from(facility) << 3 | u32::from(level & 7);
+    out.extend_from_slice(alloc::format!("{prio},{seq},{usec},-;").as_bytes());
+    for &b in msg {
+        if b < 0x20 && b != b'\t' || b >= 0x7f || b == b'\\' {
+            out.extend_from_slice(alloc::format!("\\x{b:02x}").as_bytes());
+        } else {
+            out.push(b);
+        }
+    }
+    out.push(b'\n');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn real_records() {
+        let r = parse(b"6,1,0,-;Command line: console=ttyS0\n").unwrap();
+        assert_eq!((r.level, r.facility, r.seq, r.usec), (6, 0, 1, 0));
+        assert_eq!(r.msg, b"Command line: console=ttyS0");
+        let r =
+            parse(b"14,2045,1234567,c,more;app: hi \\x1b[0m \\x5c\n SUBSYSTEM=net\n DEVICE=n2\n")
+                .unwrap();
+        assert_eq!(
+            (r.level, r.facility, r.seq, r.usec),
+            (6, 1, 2045, 1_234_567)
+        );
+        assert_eq!(r.msg, b"app: hi \x1b[0m \\");
+    }
+
+    #[test]
+    fn bad_records() {
+        assert_eq!(parse(b"no separator"), Err(KmsgError::NoSeparator));
+        assert_eq!(parse(b"6,x,0,-;t"), Err(KmsgError::BadPrefix("sequence")));
+        assert_eq!(parse(b"6,1;t"), Err(KmsgError::BadPrefix("timestamp")));
+        assert_eq!(
+            parse(b"6,99999999999999999999999,0,-;t"),
+            Err(KmsgError::BadPrefix("sequence"))
+        );
+        assert_eq!(unescape(b"\\x4"), b"\\x4");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn format_parse_roundtrip(level in 0u8..8, fac in 0u8..24, seq: u64, usec: u64, msg: Vec<u8>) {
+            let msg: Vec<u8> = msg.into_iter().filter(|b| *b != b'\n').collect();
+            let r = parse(&format(level, fac, seq, usec, &msg)).unwrap();
+            proptest::prop_assert_eq!(r, KmsgRecord { level, facility: fac, seq, usec, msg });
+        }
+    }
+}
