@@ -21,6 +21,12 @@ pub struct Store {
 impl Store {
     /// Opens the store a URL names. A bare path is taken as a local directory.
     pub fn open(url: &str) -> anyhow::Result<Self> {
+        Self::open_with(url, &[])
+    }
+
+    /// Like [`Store::open`], with `AWS_*` settings given explicitly (they override the
+    /// environment's).
+    pub fn open_with(url: &str, aws: &[(String, String)]) -> anyhow::Result<Self> {
         let inner: Arc<dyn ObjectStore> = if url == "memory://" || url == "memory:" {
             Arc::new(InMemory::new())
         } else if let Some(rest) = url.strip_prefix("s3://") {
@@ -28,7 +34,15 @@ impl Store {
             if bucket.is_empty() {
                 bail!("store URL {url:?} names no bucket");
             }
-            let s3 = AmazonS3Builder::from_env()
+            let mut b = AmazonS3Builder::from_env();
+            for (k, v) in aws {
+                let key = k
+                    .to_ascii_lowercase()
+                    .parse()
+                    .with_context(|| format!("unknown S3 setting {k}"))?;
+                b = b.with_config(key, v);
+            }
+            let s3 = b
                 .with_bucket_name(bucket)
                 .with_virtual_hosted_style_request(false)
                 .build()

@@ -1,1 +1,6 @@
-//! End-to-end tests live in tests/.
+//! End-to-end test harness: real `blackbox-server` and `blackbox-agent` processes on loopback,
+//! a kmsg-format file as the log source, and readers that count what reached the store.
+#![allow(missing_docs, clippy::unwrap_used)]
+
+pub mod harness;
+pub mod s3;

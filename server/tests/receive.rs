@@ -1,0 +1,265 @@
+//! Bad input gets a clear 4xx and nothing is stored; good input is stored once.
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use blackbox_protocol::{BootId, Chunk, ChunkHeader, DeviceId, Limits, Origin, Record, SyncPoint};
+use blackbox_server::{AppState, Committer, ReceiveConfig, SegmentConfig, Store, app};
+use http_body_util::BodyExt;
+use tower::ServiceExt;
+
+async fn setup(rcfg: ReceiveConfig) -> (axum::Router, Store) {
+    let store = Store::open("memory://").unwrap();
+    let cfg = SegmentConfig {
+        max_age: Duration::from_millis(20),
+        ..Default::default()
+    };
+    let (committer, _task) = Committer::start(store.clone(), cfg).await.unwrap();
+    (app(AppState::new(committer, rcfg)), store)
+}
+
+fn good(n: u64) -> Vec<u8> {
+    let records = (0..n)
+        .map(|s| Record {
+            seq: s,
+            mono_us: s,
+            level: 6,
+            facility: 1,
+            origin: Origin::Kmsg,
+            msg: format!("line {s}").into_bytes(),
+        })
+        .collect();
+    let c = Chunk::new(
+        DeviceId::new("dev").unwrap(),
+        BootId([1; 16]),
+        SyncPoint::default(),
+        records,
+    )
+    .unwrap();
+    c.encode(6, &Limits::DEFAULT).unwrap()
+}
+
+async fn post(app: &axum::Router, body: Vec<u8>) -> (StatusCode, String, Option<String>) {
+    let req = Request::post("/v1/chunks")
+        .header("x-blackbox-device", "dev")
+        .body(Body::from(body))
+        .unwrap();
+    let resp = app.clone().oneshot(req).await.unwrap();
+    let status = resp.status();
+    let retry = resp
+        .headers()
+        .get("retry-after")
+        .map(|v| v.to_str().unwrap().to_owned());
+    let body = String::from_utf8(
+        resp.into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec(),
+    )
+    .unwrap();
+    (status, body, retry)
+}
+
+async fn assert_nothing_stored(store: &Store) {
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(store.list("raw/").await.unwrap(), Vec::<String>::new());
+}
+
+fn reheader(bytes: &[u8], f: impl FnOnce(&mut ChunkHeader)) -> Vec<u8> {
+    let mut h = ChunkHeader::parse(bytes).unwrap();
+    let rest = bytes[h.header_len as usize..].to_vec();
+    f(&mut h);
+    let mut out = Vec::new();
+    h.emit(&mut out);
+    out.extend(rest);
+    out
+}
+
+#[tokio::test]
+async fn each_bad_input_is_rejected_with_its_reason_and_nothing_is_stored() {
+    let (app, store) = setup(ReceiveConfig {
+        max_body: 64 * 1024,
+        ..Default::default()
+    })
+    .await;
+    let g = good(20);
+    let mut cases: Vec<(&str, Vec<u8>, StatusCode, &str)> = Vec::new();
+    let mut wrong_magic = g.clone();
+    wrong_magic[1] = 0;
+    cases.push((
+        "wrong magic",
+        wrong_magic,
+        StatusCode::BAD_REQUEST,
+        "not a blackbox chunk",
+    ));
+    let mut bad_crc = g.clone();
+    let n = bad_crc.len();
+    bad_crc[n - 7] ^= 0x40;
+    cases.push((
+        "bad CRC",
+        bad_crc,
+        StatusCode::BAD_REQUEST,
+        "CRC32 mismatch",
+    ));
+    let mut bad_hcrc = g.clone();
+    bad_hcrc[30] ^= 1;
+    cases.push((
+        "bad header CRC",
+        bad_hcrc,
+        StatusCode::BAD_REQUEST,
+        "header CRC mismatch",
+    ));
+    cases.push((
+        "truncated body",
+        g[..g.len() / 2].to_vec(),
+        StatusCode::BAD_REQUEST,
+        "truncated",
+    ));
+    cases.push((
+        "empty body",
+        Vec::new(),
+        StatusCode::BAD_REQUEST,
+        "truncated",
+    ));
+    cases.push((
+        "inflated size lies",
+        reheader(&g, |h| h.raw_len += 7),
+        StatusCode::BAD_REQUEST,
+        "does not match",
+    ));
+    cases.push((
+        "record count lies",
+        reheader(&g, |h| h.record_count -= 1),
+        StatusCode::BAD_REQUEST,
+        "record count",
+    ));
+    // Decompression bomb: 64 MiB of one byte deflates to ~64 KiB; honest or lying header.
+    let big = vec![b'A'; 64 << 20];
+    let deflated = miniz_oxide_bomb(&big);
+    let bomb = |raw_len: u32| {
+        let mut h = ChunkHeader::parse(&g).unwrap();
+        h.raw_len = raw_len;
+        h.deflate_len = deflated.len() as u32;
+        let mut out = Vec::new();
+        h.emit(&mut out);
+        out.extend(&deflated);
+        out.extend(crc32(&big).to_le_bytes());
+        out.extend((big.len() as u32).to_le_bytes());
+        out
+    };
+    cases.push((
+        "bomb, declared",
+        bomb(64 << 20),
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "exceeds limit",
+    ));
+    cases.push((
+        "bomb, understated",
+        bomb(1 << 20),
+        StatusCode::BAD_REQUEST,
+        "does not match",
+    ));
+    cases.push((
+        "oversize body",
+        vec![0u8; 65 * 1024],
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "limit",
+    ));
+    for (name, body, want, reason) in cases {
+        let (status, text, _) = post(&app, body).await;
+        assert_eq!(status, want, "{name}: {text}");
+        assert!(
+            text.contains(reason),
+            "{name}: reason {text:?} should mention {reason:?}"
+        );
+    }
+    assert_nothing_stored(&store).await;
+}
+
+fn miniz_oxide_bomb(data: &[u8]) -> Vec<u8> {
+    use flate2::Compression;
+    use flate2::write::DeflateEncoder;
+    use std::io::Write;
+    let mut e = DeflateEncoder::new(Vec::new(), Compression::best());
+    e.write_all(data).unwrap();
+    e.finish().unwrap()
+}
+
+fn crc32(data: &[u8]) -> u32 {
+    let mut h = flate2::Crc::new();
+    h.update(data);
+    h.sum()
+}
+
+#[tokio::test]
+async fn identity_is_checked_and_retries_are_recognised() {
+    let (app, store) = setup(ReceiveConfig::default()).await;
+    let g = good(5);
+    // no device header
+    let req = Request::post("/v1/chunks")
+        .body(Body::from(g.clone()))
+        .unwrap();
+    assert_eq!(
+        app.clone().oneshot(req).await.unwrap().status(),
+        StatusCode::UNAUTHORIZED
+    );
+    // another device's chunk
+    let req = Request::post("/v1/chunks")
+        .header("x-blackbox-device", "other")
+        .body(Body::from(g.clone()))
+        .unwrap();
+    assert_eq!(
+        app.clone().oneshot(req).await.unwrap().status(),
+        StatusCode::FORBIDDEN
+    );
+    assert_nothing_stored(&store).await;
+    let (s1, b1, _) = post(&app, g.clone()).await;
+    let (s2, b2, _) = post(&app, g.clone()).await;
+    assert_eq!((s1, s2), (StatusCode::CREATED, StatusCode::OK), "{b1} {b2}");
+    let keys = store.list("raw/").await.unwrap();
+    assert_eq!(keys.len(), 2, "one segment and its index: {keys:?}");
+}
+
+#[tokio::test]
+async fn concurrent_copies_of_one_chunk_are_stored_once() {
+    let (app, store) = setup(ReceiveConfig::default()).await;
+    let g = good(5);
+    let results = futures::future::join_all((0..8).map(|_| post(&app, g.clone()))).await;
+    let created = results
+        .iter()
+        .filter(|r| r.0 == StatusCode::CREATED)
+        .count();
+    let dup = results.iter().filter(|r| r.0 == StatusCode::OK).count();
+    assert_eq!((created, dup), (1, 7));
+    let seg = store
+        .list("raw/")
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|k| k.ends_with(".seg.gz"))
+        .unwrap();
+    assert_eq!(store.get(&seg).await.unwrap().len(), g.len());
+}
+
+#[tokio::test]
+async fn over_the_concurrency_limit_sheds_at_once_with_retry_after() {
+    let (app, _store) = setup(ReceiveConfig {
+        max_inflight: 0,
+        retry_after_secs: 7,
+        ..Default::default()
+    })
+    .await;
+    let (status, text, retry) = post(&app, good(1)).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{text}");
+    assert_eq!(retry.as_deref(), Some("7"));
+    let req = Request::get("/healthz").body(Body::empty()).unwrap();
+    assert_eq!(
+        app.oneshot(req).await.unwrap().status(),
+        StatusCode::OK,
+        "health is not shed"
+    );
+}

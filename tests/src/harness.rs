@@ -1,0 +1,334 @@
+//! Processes and readers for the end-to-end tests.
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use blackbox_server::Store;
+
+/// The workspace root.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_owned()
+}
+
+/// Path of a workspace binary, built once per test process (so `cargo test -p blackbox-tests`
+/// alone works too).
+pub fn bin(name: &str) -> PathBuf {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let st = Command::new(cargo)
+            .args([
+                "build",
+                "--quiet",
+                "-p",
+                "blackbox-server",
+                "-p",
+                "blackbox-agent",
+            ])
+            .current_dir(root())
+            .status()
+            .expect("running cargo build");
+        assert!(st.success(), "building the binaries failed");
+    });
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| root().join("target"));
+    target.join("debug").join(name)
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A `blackbox-server serve` process.
+pub struct Server {
+    pub port: u16,
+    pub store: String,
+    pub extra: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Server {
+    pub fn start(store: &str, env: Vec<(String, String)>, extra: &[&str], log_dir: &Path) -> Self {
+        let mut s = Self {
+            port: free_port(),
+            store: store.to_owned(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            env,
+            log: log_dir.join(format!("server-{}.log", free_port())),
+            child: None,
+        };
+        s.restart();
+        s
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// (Re)starts the process on the same port and store, and waits until it answers.
+    pub fn restart(&mut self) {
+        self.restart_with(&[]);
+    }
+
+    pub fn restart_with(&mut self, more: &[&str]) {
+        assert!(self.child.is_none(), "server already running");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = Command::new(bin("blackbox-server"))
+            .args([
+                "serve",
+                "--listen",
+                &format!("127.0.0.1:{}", self.port),
+                "--store",
+                &self.store,
+            ])
+            .args(&self.extra)
+            .args(more)
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawning blackbox-server");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(r) = ureq::get(&format!("{}/healthz", self.url())).call() {
+                if r.status() == 200 {
+                    return;
+                }
+            }
+            if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!(
+                    "server exited with {st} during start-up; log:\n{}",
+                    std::fs::read_to_string(&self.log).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("server did not answer /healthz in 30 s");
+    }
+
+    /// `kill -9`.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Waits for the process to exit by itself (fault injection aborts it).
+    pub fn wait_exit(&mut self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(c) = self.child.as_mut() {
+                if c.try_wait().unwrap().is_some() {
+                    self.child = None;
+                    return true;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A `blackbox-agent run` process reading a kmsg-format file.
+pub struct Agent {
+    pub args: Vec<String>,
+    pub log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Agent {
+    pub fn start(server: &str, state: &Path, kmsg: &Path, device: &str, extra: &[&str]) -> Self {
+        let mut args: Vec<String> = vec![
+            "run".into(),
+            "--server".into(),
+            server.into(),
+            "--state-dir".into(),
+            state.display().to_string(),
+            "--kmsg".into(),
+            kmsg.display().to_string(),
+            "--device-id".into(),
+            device.into(),
+            "--boot-id".into(),
+            BOOT.into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let log = state.with_extension("log");
+        let mut a = Self {
+            args,
+            log,
+            child: None,
+        };
+        a.restart();
+        a
+    }
+
+    pub fn restart(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        self.child = Some(
+            Command::new(bin("blackbox-agent"))
+                .args(&self.args)
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .expect("spawning blackbox-agent"),
+        );
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// The boot id the tests' agents use.
+pub const BOOT: &str = "0badc0de-0000-4000-8000-000000000001";
+
+/// A kmsg-format file a test appends numbered records to.
+pub struct KmsgFile {
+    pub path: PathBuf,
+    pub next: u64,
+}
+
+impl KmsgFile {
+    pub fn new(path: PathBuf) -> Self {
+        std::fs::write(&path, b"").unwrap();
+        Self { path, next: 0 }
+    }
+
+    /// Appends `n` records `line <seq>` (user facility, level 6).
+    pub fn append(&mut self, n: u64, tag: &str) {
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&self.path)
+            .unwrap();
+        let mut buf = Vec::new();
+        for _ in 0..n {
+            let s = self.next;
+            buf.extend(format!("14,{s},{},-;{tag}: line {s}\n", 1_000_000 + s * 100).as_bytes());
+            self.next += 1;
+        }
+        f.write_all(&buf).unwrap();
+    }
+}
+
+/// One stored record line, as DuckDB or jq would see it.
+#[derive(Debug, Clone)]
+pub struct StoredLine {
+    pub device: String,
+    pub boot: String,
+    pub seq: u64,
+    pub msg: String,
+}
+
+/// Reads every segment in the store in key order (ingest order) with a plain gzip reader,
+/// as `zcat` would, and returns the lines.
+pub fn read_store(store_url: &str, env: &[(String, String)]) -> Vec<StoredLine> {
+    {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let store = Store::open_with(store_url, env).unwrap();
+            let mut out = Vec::new();
+            for key in store.list("raw/").await.unwrap() {
+                if !key.ends_with(".seg.gz") {
+                    continue;
+                }
+                let bytes = store.get(&key).await.unwrap();
+                let mut text = String::new();
+                flate2::read::MultiGzDecoder::new(&bytes[..])
+                    .read_to_string(&mut text)
+                    .unwrap();
+                for l in text.lines() {
+                    let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                    out.push(StoredLine {
+                        device: v["device"].as_str().unwrap().to_owned(),
+                        boot: v["boot"].as_str().unwrap().to_owned(),
+                        seq: v["seq"].as_u64().unwrap(),
+                        msg: v["msg"].as_str().unwrap().to_owned(),
+                    });
+                }
+            }
+            out
+        })
+    }
+}
+
+/// Keys in the store under `prefix`.
+pub fn list_store(store_url: &str, env: &[(String, String)], prefix: &str) -> Vec<String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        Store::open_with(store_url, env)
+            .unwrap()
+            .list(prefix)
+            .await
+            .unwrap()
+    })
+}
+
+/// Per device: the sequence numbers stored, in ingest order.
+pub fn seqs_by_device(lines: &[StoredLine]) -> HashMap<String, Vec<u64>> {
+    let mut m: HashMap<String, Vec<u64>> = HashMap::new();
+    for l in lines {
+        m.entry(l.device.clone()).or_default().push(l.seq);
+    }
+    m
+}
+
+/// Polls `f` until it returns true or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    f()
+}

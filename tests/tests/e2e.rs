@@ -1,0 +1,299 @@
+//! The foundation's acceptance tests: real server and agent processes on loopback, a real
+//! S3-compatible server (SeaweedFS) and the local-directory store.
+#![allow(clippy::unwrap_used)]
+
+use std::time::{Duration, Instant};
+
+use blackbox_protocol::{BootId, Chunk, DeviceId, Limits, Origin, Record, SyncPoint};
+use blackbox_tests::harness::{
+    Agent, KmsgFile, Server, list_store, read_store, seqs_by_device, wait_until,
+};
+use blackbox_tests::s3::Weed;
+
+/// N unique lines come out of the store exactly once and in order, across an agent `kill -9`,
+/// a server `kill -9` and a server that stays down for a while.
+fn exactly_once_through_restarts(store: &str, env: Vec<(String, String)>) {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut server = Server::start(
+        store,
+        env.clone(),
+        &["--segment-max-age-ms", "200"],
+        tmp.path(),
+    );
+    let mut kmsg = KmsgFile::new(tmp.path().join("kmsg"));
+    let state = tmp.path().join("state");
+    let mut agent = Agent::start(
+        &server.url(),
+        &state,
+        &kmsg.path,
+        "dev-a",
+        &["--interval", "0.5", "--chunk-max-bytes", "30000"],
+    );
+    let stored = |n: usize| read_store(store, &env).len() >= n;
+
+    kmsg.append(500, "app");
+    assert!(
+        wait_until(Duration::from_secs(30), || stored(1)),
+        "nothing stored; agent log:\n{}",
+        agent.log_text()
+    );
+    agent.kill9(); // agent restart mid-stream
+    kmsg.append(500, "app");
+    agent.restart();
+    std::thread::sleep(Duration::from_millis(700));
+    server.kill9(); // receiver killed mid-stream
+    kmsg.append(500, "app");
+    std::thread::sleep(Duration::from_millis(1500));
+    server.restart();
+    kmsg.append(500, "app");
+    std::thread::sleep(Duration::from_millis(700));
+    server.kill9(); // and down for a while
+    kmsg.append(500, "app");
+    std::thread::sleep(Duration::from_secs(4));
+    server.restart();
+
+    let total = kmsg.next as usize;
+    let ok = wait_until(Duration::from_secs(60), || stored(total));
+    let lines = read_store(store, &env);
+    let by_dev = seqs_by_device(&lines);
+    let seqs = by_dev.get("dev-a").cloned().unwrap_or_default();
+    assert!(
+        ok,
+        "only {} of {total} lines stored; agent log:\n{}",
+        seqs.len(),
+        agent.log_text()
+    );
+    let expected: Vec<u64> = (0..total as u64).collect();
+    assert_eq!(seqs, expected, "every line exactly once, in order");
+    assert!(
+        lines
+            .iter()
+            .all(|l| l.msg == format!("app: line {}", l.seq))
+    );
+    assert!(
+        lines
+            .iter()
+            .all(|l| l.boot == blackbox_tests::harness::BOOT)
+    );
+}
+
+#[test]
+fn exactly_once_through_restarts_local_dir() {
+    let tmp = tempfile::tempdir().unwrap();
+    exactly_once_through_restarts(
+        &format!("file://{}", tmp.path().join("store").display()),
+        vec![],
+    );
+}
+
+#[test]
+fn exactly_once_through_restarts_s3() {
+    let weed = Weed::start().expect("SeaweedFS (run `cargo xtask test`, which installs it)");
+    exactly_once_through_restarts(&weed.store_url("exactly-once"), weed.env());
+}
+
+fn chunk(device: &str, first: u64, n: u64) -> Vec<u8> {
+    let records = (first..first + n)
+        .map(|s| Record {
+            seq: s,
+            mono_us: s * 10,
+            level: 6,
+            facility: 1,
+            origin: Origin::Kmsg,
+            msg: format!("m{s}").into_bytes(),
+        })
+        .collect();
+    let sync = SyncPoint {
+        mono_us: 0,
+        wall_us: 1_795_269_785_000_000,
+        synced: true,
+    };
+    let c = Chunk::new(
+        DeviceId::new(device).unwrap(),
+        BootId([9; 16]),
+        sync,
+        records,
+    )
+    .unwrap();
+    c.encode(6, &Limits::DEFAULT).unwrap()
+}
+
+fn post(url: &str, device: &str, body: &[u8]) -> Result<u16, String> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(20)))
+        .build()
+        .into();
+    agent
+        .post(format!("{url}/v1/chunks"))
+        .header("x-blackbox-device", device)
+        .send(body)
+        .map(|r| r.status().as_u16())
+        .map_err(|e| e.to_string())
+}
+
+/// The same chunk twice: stored once, both answers success; also when the receiver died
+/// between writing the segment and answering (before and after writing the index).
+#[test]
+fn duplicate_chunk_stored_once_even_across_a_crash() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = format!("file://{}", tmp.path().join("store").display());
+    let mut server = Server::start(&store, vec![], &["--segment-max-age-ms", "100"], tmp.path());
+    let c1 = chunk("dev-d", 0, 10);
+    assert_eq!(post(&server.url(), "dev-d", &c1), Ok(201));
+    assert_eq!(post(&server.url(), "dev-d", &c1), Ok(200));
+
+    for (i, fault) in ["after-segment-put", "after-index-put"]
+        .into_iter()
+        .enumerate()
+    {
+        let c = chunk("dev-d", 100 * (i as u64 + 1), 10);
+        server.kill9();
+        server.restart_with(&["--fault", fault]);
+        let r = post(&server.url(), "dev-d", &c);
+        assert!(
+            r.is_err(),
+            "the receiver should have died before answering, got {r:?}"
+        );
+        assert!(server.wait_exit(Duration::from_secs(10)));
+        server.restart(); // no fault: recovers identities (re-indexing the orphan segment)
+        assert_eq!(
+            post(&server.url(), "dev-d", &c),
+            Ok(200),
+            "retry after {fault} recognised"
+        );
+        assert_eq!(post(&server.url(), "dev-d", &c), Ok(200));
+    }
+    let seqs = seqs_by_device(&read_store(&store, &[]))
+        .remove("dev-d")
+        .unwrap();
+    let mut expected: Vec<u64> = (0..10).collect();
+    expected.extend(100..110);
+    expected.extend(200..210);
+    assert_eq!(seqs, expected, "each chunk stored exactly once");
+    let keys = list_store(&store, &[], "raw/");
+    let segs = keys.iter().filter(|k| k.ends_with(".seg.gz")).count();
+    let idxs = keys.iter().filter(|k| k.ends_with(".idx")).count();
+    assert_eq!(
+        segs, idxs,
+        "every segment has its index (the orphan was re-indexed): {keys:?}"
+    );
+}
+
+/// 1,000 devices uploading once a second make about one segment a second, not 1,000 objects.
+#[test]
+fn object_writes_stay_flat_as_devices_grow() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = format!("file://{}", tmp.path().join("store").display());
+    let server = Server::start(&store, vec![], &["--max-inflight", "2048"], tmp.path());
+    let (devices, rounds) = (1000u64, 4u64);
+    let t0 = Instant::now() + Duration::from_millis(500);
+    let url = server.url();
+    let handles: Vec<_> = (0..devices)
+        .map(|d| {
+            let url = url.clone();
+            std::thread::Builder::new()
+                .spawn(move || {
+                    let dev = format!("sim-{d:04}");
+                    let mut ok = 0;
+                    for r in 0..rounds {
+                        let at = t0 + Duration::from_secs(r) + Duration::from_micros(d * 500);
+                        std::thread::sleep(at.saturating_duration_since(Instant::now()));
+                        if post(&url, &dev, &chunk(&dev, r * 10, 10)) == Ok(201) {
+                            ok += 1;
+                        }
+                    }
+                    ok
+                })
+                .unwrap()
+        })
+        .collect();
+    let stored: u64 = handles.into_iter().map(|h| h.join().unwrap()).sum();
+    let elapsed = t0.elapsed().as_secs_f64();
+    assert_eq!(stored, devices * rounds, "every upload acknowledged");
+    let segs = list_store(&store, &[], "raw/")
+        .iter()
+        .filter(|k| k.ends_with(".seg.gz"))
+        .count();
+    println!(
+        "{} chunks from {devices} devices in {elapsed:.1} s -> {segs} segments",
+        devices * rounds
+    );
+    assert!(
+        segs as f64 <= 2.0 * elapsed.ceil() + 2.0,
+        "{segs} segments for {elapsed:.1} s: not group-committed"
+    );
+    assert_eq!(read_store(&store, &[]).len() as u64, devices * rounds * 10);
+}
+
+/// Under an overloaded receiver (503 + Retry-After), agents back off within the cap
+/// (never longer than their interval) and deliver everything exactly once.
+#[test]
+fn agents_back_off_under_503_and_deliver_everything() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = format!("file://{}", tmp.path().join("store").display());
+    let server = Server::start(
+        &store,
+        vec![],
+        &[
+            "--max-inflight",
+            "1",
+            "--segment-max-age-ms",
+            "150",
+            "--retry-after",
+            "1",
+        ],
+        tmp.path(),
+    );
+    let interval_ms = 2000;
+    let mut agents = Vec::new();
+    let mut files = Vec::new();
+    for i in 0..4 {
+        let mut k = KmsgFile::new(tmp.path().join(format!("kmsg{i}")));
+        k.append(600, "busy");
+        let state = tmp.path().join(format!("state{i}"));
+        agents.push(Agent::start(
+            &server.url(),
+            &state,
+            &k.path,
+            &format!("busy-{i}"),
+            &["--interval", "2", "--chunk-max-bytes", "16000"],
+        ));
+        files.push(k);
+    }
+    let ok = wait_until(Duration::from_secs(120), || {
+        read_store(&store, &[]).len() >= 2400
+    });
+    let by_dev = seqs_by_device(&read_store(&store, &[]));
+    let logs: Vec<String> = agents.iter().map(Agent::log_text).collect();
+    assert!(
+        ok,
+        "not everything delivered: {:?}\n{}",
+        by_dev.iter().map(|(d, s)| (d, s.len())).collect::<Vec<_>>(),
+        logs.join("\n")
+    );
+    for i in 0..4 {
+        assert_eq!(by_dev[&format!("busy-{i}")], (0..600).collect::<Vec<u64>>());
+    }
+    let all = logs.join("\n");
+    assert!(
+        all.contains("failed: 503"),
+        "the receiver never shed load, so this test proved nothing:\n{all}"
+    );
+    let waits: Vec<u64> = all
+        .lines()
+        .filter_map(|l| {
+            l.split("retrying in ")
+                .nth(1)?
+                .split(' ')
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect();
+    assert!(!waits.is_empty());
+    assert!(
+        waits.iter().all(|w| *w <= interval_ms),
+        "a backoff exceeded the interval: {waits:?}"
+    );
+}
