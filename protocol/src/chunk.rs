@@ -231,7 +231,7 @@ impl Chunk {
 
     /// **The** checked parse for untrusted bytes: `bytes` must be exactly one chunk.
     ///
-    /// Checks, in order: header (magic, version, CRC16, field sanity), declared sizes against
+    /// Checks, in order: header (magic, version, CRC32, field sanity), declared sizes against
     /// `limits` and the byte count (before allocating anything), inflates into a buffer of the
     /// declared size only (a bomb stops there), the trailer's CRC32 and length, then every record
     /// line (JSON shape, device and boot equal to the header, sequence numbers strictly

@@ -17,7 +17,7 @@ pub enum DecodeError {
     UnsupportedVersion(u8),
     /// A header field holds a value that cannot be valid (for example an empty device id).
     BadHeader(&'static str),
-    /// The gzip header CRC16 does not match the header bytes.
+    /// The header CRC32 (in our extra field) does not match the header bytes.
     HeaderCrcMismatch,
     /// The CRC32 in the gzip trailer does not match the inflated payload.
     PayloadCrcMismatch,

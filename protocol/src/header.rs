@@ -2,7 +2,7 @@
 //! identity, sync point and declared sizes, so a reader learns them without inflating.
 //!
 //! ```text
-//! gzip:  1f 8b 08 FLG=FEXTRA|FHCRC MTIME(4) XFL OS=3 XLEN(2) | 'B' 'B' LEN(2) DATA(LEN) | CRC16(2)
+//! gzip:  1f 8b 08 FLG=FEXTRA MTIME(4) XFL OS=3 XLEN(2) | 'B' 'B' LEN(2) DATA(LEN)
 //! DATA:  offset  size  field
 //!        0       1     version (1)
 //!        1       1     flags (bit 0: wall clock NTP-synchronised)
@@ -16,7 +16,11 @@
 //!        58      4     deflate payload length (LE)
 //!        62      1     device id length N (1..=64)
 //!        63      N     device id ([A-Za-z0-9._:-])
+//!        63+N    4     CRC32 of every header byte before it, from the gzip magic on (LE)
 //! ```
+//!
+//! The header checksum lives in our own field rather than gzip's FHCRC flag: DuckDB's gzip
+//! reader refuses that flag (it takes bit 1 for the old "multipart" flag).
 use alloc::string::String;
 use core::fmt;
 
@@ -28,8 +32,6 @@ pub const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
 pub const GZIP_CM_DEFLATE: u8 = 8;
 /// gzip flag: an extra field follows.
 pub const GZIP_FEXTRA: u8 = 0x04;
-/// gzip flag: a CRC16 of the header follows.
-pub const GZIP_FHCRC: u8 = 0x02;
 /// gzip OS byte: Unix.
 pub const GZIP_OS_UNIX: u8 = 3;
 /// Length of the fixed gzip header before XLEN.
@@ -232,12 +234,12 @@ impl ChunkHeader {
         if fixed[..2] != GZIP_MAGIC || fixed[2] != GZIP_CM_DEFLATE {
             return Err(DecodeError::BadMagic);
         }
-        if fixed[3] != GZIP_FEXTRA | GZIP_FHCRC {
+        if fixed[3] != GZIP_FEXTRA {
             return Err(DecodeError::BadMagic);
         }
         let xlen = usize::from(u16::from_le_bytes([fixed[10], fixed[11]]));
         let extra_end = GZIP_FIXED_LEN + 2 + xlen;
-        let header_end = extra_end + 2;
+        let header_end = extra_end;
         let header = bytes.get(..header_end).ok_or(DecodeError::Truncated {
             what: "gzip extra field",
         })?;
@@ -245,17 +247,22 @@ impl ChunkHeader {
         if extra.len() < 4 || extra[..2] != SUBFIELD_ID {
             return Err(DecodeError::BadMagic);
         }
-        let crc_stored = u16::from_le_bytes([header[extra_end], header[extra_end + 1]]);
-        let crc = (crc32fast::hash(&header[..extra_end]) & 0xffff) as u16;
-        if crc != crc_stored {
-            return Err(DecodeError::HeaderCrcMismatch);
-        }
         let sub_len = usize::from(u16::from_le_bytes([extra[2], extra[3]]));
-        let data = &extra[4..];
-        if sub_len != data.len() {
+        let with_crc = &extra[4..];
+        if sub_len != with_crc.len() {
             return Err(DecodeError::BadHeader(
                 "subfield length does not match extra length",
             ));
+        }
+        let crc_at = with_crc
+            .len()
+            .checked_sub(4)
+            .ok_or(DecodeError::Truncated {
+                what: "chunk header",
+            })?;
+        let data = &with_crc[..crc_at];
+        if crc32fast::hash(&header[..extra_end - 4]) != read_u32(with_crc, crc_at) {
+            return Err(DecodeError::HeaderCrcMismatch);
         }
         let version = *data.get(off::VERSION).ok_or(DecodeError::Truncated {
             what: "chunk header",
@@ -323,11 +330,11 @@ impl ChunkHeader {
     pub fn emit(&self, out: &mut alloc::vec::Vec<u8>) {
         let start = out.len();
         let dev = self.id.device.as_str().as_bytes();
-        let data_len = off::DEVICE + dev.len();
+        let data_len = off::DEVICE + dev.len() + 4;
         let xlen = 4 + data_len;
         let mtime = (self.sync.wall_us.max(0) / 1_000_000).min(i64::from(u32::MAX)) as u32;
         out.extend_from_slice(&GZIP_MAGIC);
-        out.extend_from_slice(&[GZIP_CM_DEFLATE, GZIP_FEXTRA | GZIP_FHCRC]);
+        out.extend_from_slice(&[GZIP_CM_DEFLATE, GZIP_FEXTRA]);
         out.extend_from_slice(&mtime.to_le_bytes());
         out.extend_from_slice(&[0, GZIP_OS_UNIX]);
         out.extend_from_slice(&(xlen as u16).to_le_bytes());
@@ -345,13 +352,13 @@ impl ChunkHeader {
         out.extend_from_slice(&self.deflate_len.to_le_bytes());
         out.push(dev.len() as u8);
         out.extend_from_slice(dev);
-        let crc = (crc32fast::hash(&out[start..]) & 0xffff) as u16;
+        let crc = crc32fast::hash(&out[start..]);
         out.extend_from_slice(&crc.to_le_bytes());
     }
 
     /// Length in bytes of the gzip header [`ChunkHeader::emit`] writes.
     pub fn encoded_len(&self) -> usize {
-        GZIP_FIXED_LEN + 2 + 4 + off::DEVICE + self.id.device.as_str().len() + 2
+        GZIP_FIXED_LEN + 2 + 4 + off::DEVICE + self.id.device.as_str().len() + 4
     }
 }
 

@@ -5,9 +5,9 @@
 //! to back) is readable by `zcat`, `grep` and DuckDB without this crate.
 //!
 //! ```text
-//!  gzip header ─ FEXTRA subfield "BB" ─ ChunkHeader (identity, sync point, sizes)   ─┐ header CRC16
-//!  deflate payload ─ one JSON line per record (NDJSON)                               │
-//!  gzip trailer ─ CRC32 and length of the inflated payload                          ─┘
+//!  gzip header ─ FEXTRA subfield "BB" ─ ChunkHeader (identity, sync point, sizes, CRC32)
+//!  deflate payload ─ one JSON line per record (NDJSON)
+//!  gzip trailer ─ CRC32 and length of the inflated payload
 //! ```
 //!
 //! The layers, bottom up:

@@ -1,4 +1,7 @@
 //! Encode → decode is the identity; hostile bytes give typed errors, never panics.
+// The helpers (strategies, `sample`, `with_header`) are test code outside `#[test]` functions,
+// which `allow-unwrap-in-tests` does not cover.
+#![allow(clippy::unwrap_used)]
 use blackbox_protocol::chunk::walk_members;
 use blackbox_protocol::{
     BootId, Chunk, ChunkHeader, DecodeError, DeviceId, Limits, Origin, Record, SyncPoint,
@@ -76,12 +79,9 @@ proptest! {
         let mut bytes = c.encode(6, &Limits::DEFAULT).unwrap();
         let i = pos.index(bytes.len());
         bytes[i] ^= x;
-        // Every byte is covered by a CRC (header CRC16, payload CRC32) or checked against the
-        // header, except gzip's MTIME/XFL: changing those may still decode, to the same chunk.
-        if let Ok(back) = Chunk::decode(&bytes, &Limits::DEFAULT) {
-            prop_assert!((4..=8).contains(&i), "byte {} changed yet decoded", i);
-            prop_assert_eq!(back, c);
-        }
+        // Every byte is covered by a CRC (header CRC32, payload CRC32) or checked against the
+        // header.
+        prop_assert!(Chunk::decode(&bytes, &Limits::DEFAULT).is_err(), "byte {} changed yet decoded", i);
     }
 
     #[test]
@@ -237,7 +237,7 @@ fn decompression_bomb_is_stopped_by_the_declared_size() {
     assert!(deflated.len() < 200_000);
     let b = sample(1).encode(6, &Limits::DEFAULT).unwrap();
     let h = ChunkHeader::parse(&b).unwrap();
-    let mut forged = |raw_len: u32| {
+    let forged = |raw_len: u32| {
         let mut h2 = h.clone();
         h2.raw_len = raw_len;
         h2.deflate_len = deflated.len() as u32;

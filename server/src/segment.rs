@@ -41,9 +41,9 @@ pub struct IndexEntry {
     /// Latest record wall time, µs since the epoch.
     pub wall_max_us: i64,
     /// Byte offset of the chunk's gzip member in the segment.
-    pub offset: u64,
+    pub byte_offset: u64,
     /// Length of the gzip member.
-    pub len: u64,
+    pub byte_len: u64,
 }
 
 impl IndexEntry {
@@ -67,8 +67,8 @@ impl IndexEntry {
             records: chunk.records.len() as u32,
             wall_min_us: lo,
             wall_max_us: hi,
-            offset,
-            len,
+            byte_offset: offset,
+            byte_len: len,
         }
     }
 }
@@ -137,10 +137,12 @@ pub enum CommitError {
     ShuttingDown,
 }
 
+type Reply = oneshot::Sender<Result<Outcome, CommitError>>;
+
 struct Submit {
     chunk: Chunk,
     bytes: bytes::Bytes,
-    done: oneshot::Sender<Result<Outcome, CommitError>>,
+    done: Reply,
 }
 
 /// Handle to the committer task.
@@ -295,7 +297,8 @@ fn index_bytes(entries: &[IndexEntry]) -> Vec<u8> {
 struct Open {
     bytes: Vec<u8>,
     entries: Vec<IndexEntry>,
-    waiters: HashMap<ChunkId, Vec<(oneshot::Sender<Result<Outcome, CommitError>>, bool)>>,
+    /// Per chunk: who waits for its acknowledgement, and whether that waiter sent a copy.
+    waiters: HashMap<ChunkId, Vec<(Reply, bool)>>,
     deadline: Option<Instant>,
 }
 

@@ -109,10 +109,10 @@ impl Server {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
-            if let Ok(r) = ureq::get(&format!("{}/healthz", self.url())).call() {
-                if r.status() == 200 {
-                    return;
-                }
+            if let Ok(r) = ureq::get(&format!("{}/healthz", self.url())).call()
+                && r.status() == 200
+            {
+                return;
             }
             if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!(
@@ -137,11 +137,11 @@ impl Server {
     pub fn wait_exit(&mut self, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
-            if let Some(c) = self.child.as_mut() {
-                if c.try_wait().unwrap().is_some() {
-                    self.child = None;
-                    return true;
-                }
+            if let Some(c) = self.child.as_mut()
+                && c.try_wait().unwrap().is_some()
+            {
+                self.child = None;
+                return true;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
