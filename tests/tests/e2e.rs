@@ -297,3 +297,41 @@ fn agents_back_off_under_503_and_deliver_everything() {
         "a backoff exceeded the interval: {waits:?}"
     );
 }
+
+/// Records the kernel overwrote before the agent read them (a sequence jump, as after EPIPE on
+/// /dev/kmsg) arrive as one gap record saying exactly how many and which.
+#[test]
+fn lost_kernel_records_become_an_exact_gap_record() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = format!("file://{}", tmp.path().join("store").display());
+    let server = Server::start(&store, vec![], &["--segment-max-age-ms", "100"], tmp.path());
+    let mut kmsg = KmsgFile::new(tmp.path().join("kmsg"));
+    kmsg.append(100, "k");
+    kmsg.next = 150; // 100..=149 never reach the agent
+    kmsg.append(50, "k");
+    let _agent = Agent::start(
+        &server.url(),
+        &tmp.path().join("state"),
+        &kmsg.path,
+        "gappy",
+        &["--interval", "0.3"],
+    );
+    assert!(wait_until(Duration::from_secs(30), || read_store(
+        &store,
+        &[]
+    )
+    .len()
+        >= 151));
+    let lines = read_store(&store, &[]);
+    let seqs: Vec<u64> = lines.iter().map(|l| l.seq).collect();
+    let mut expected: Vec<u64> = (0..=100).collect();
+    expected.extend(150..200);
+    assert_eq!(seqs, expected);
+    let gap = lines.iter().find(|l| l.seq == 100).unwrap();
+    assert!(
+        gap.msg
+            .starts_with("blackbox: 50 records lost (seq 100..149)"),
+        "{}",
+        gap.msg
+    );
+}
