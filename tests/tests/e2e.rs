@@ -335,3 +335,73 @@ fn lost_kernel_records_become_an_exact_gap_record() {
         gap.msg
     );
 }
+
+/// Stored segments are plain gzip of JSON lines: `zcat` and DuckDB read them without our code.
+#[test]
+fn stored_segments_read_with_zcat_and_duckdb() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("store");
+    let store = format!("file://{}", dir.display());
+    let server = Server::start(&store, vec![], &["--segment-max-age-ms", "100"], tmp.path());
+    let mut kmsg = KmsgFile::new(tmp.path().join("kmsg"));
+    kmsg.append(300, "wifi \"ap\" é");
+    let _agent = Agent::start(
+        &server.url(),
+        &tmp.path().join("state"),
+        &kmsg.path,
+        "std-tools",
+        &["--interval", "0.3", "--chunk-max-bytes", "20000"],
+    );
+    assert!(wait_until(Duration::from_secs(30), || read_store(
+        &store,
+        &[]
+    )
+    .len()
+        >= 300));
+
+    let segs: Vec<String> = list_store(&store, &[], "raw/")
+        .into_iter()
+        .filter(|k| k.ends_with(".seg.gz"))
+        .map(|k| dir.join(k).display().to_string())
+        .collect();
+    assert!(
+        segs.len() > 1,
+        "the test wants several segments, each of several chunks"
+    );
+    let out = std::process::Command::new("zcat")
+        .args(&segs)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(text.lines().count(), 300);
+    assert!(
+        text.lines()
+            .all(|l| l.contains(r#""msg":"wifi \"ap\" é: line "#))
+    );
+
+    let python = std::env::var("BLACKBOX_PYTHON").unwrap_or_else(|_| {
+        blackbox_tests::harness::root()
+            .join("target/tools/venv/bin/python")
+            .display()
+            .to_string()
+    });
+    let q = format!(
+        "import duckdb; print(duckdb.sql(\"select count(*), count(distinct seq), min(seq), max(seq), \
+         count(distinct device), min(typeof(ts)) from read_json('{}/raw/*/*/*.seg.gz')\").fetchall())",
+        dir.display()
+    );
+    let out = std::process::Command::new(&python)
+        .args(["-c", &q])
+        .output()
+        .expect("python for DuckDB (cargo xtask test installs it)");
+    assert!(
+        out.status.success(),
+        "DuckDB failed (run `cargo xtask install-test-deps`): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "[(300, 300, 0, 299, 1, 'TIMESTAMP WITH TIME ZONE')]"
+    );
+}

@@ -3,7 +3,7 @@
 //! - `cargo xtask test`: the whole test suite on a fresh machine, exactly as CI runs it:
 //!   installs the SeaweedFS test server, then `cargo fmt --check`, `cargo clippy -D warnings`
 //!   and `cargo test --workspace`. It stops at the first failing step and names it.
-//! - `cargo xtask install-test-deps`: only the SeaweedFS install; prints the `weed` path.
+//! - `cargo xtask install-test-deps`: only the SeaweedFS and DuckDB installs; prints the `weed` path.
 //! - `cargo xtask run`: builds the server and the agent and runs both on this machine, storing
 //!   into `./blackbox-data`, until Ctrl-C.
 //!
@@ -58,6 +58,7 @@ fn try_main() -> Result<()> {
         Cmd::Test => test::run(),
         Cmd::InstallTestDeps => {
             let weed = tools::ensure_weed()?;
+            tools::ensure_duckdb()?;
             println!("{}", weed.display());
             Ok(())
         }

@@ -6,16 +6,20 @@ use anyhow::{Context, Result};
 
 use crate::{cargo, run_cmd, show, tools};
 
+/// A bare-metal target with no std, for the no_std check.
+const NO_STD_TARGET: &str = "thumbv7em-none-eabihf";
+
 /// Number of steps, for the `[n/STEPS]` progress prefix.
-const STEPS: usize = 4;
+const STEPS: usize = 5;
 
 pub(crate) fn run() -> Result<()> {
     announce(
         1,
         "install-test-deps",
-        "SeaweedFS (the S3 server the end-to-end tests start)",
+        "SeaweedFS (the S3 server the end-to-end tests start) and DuckDB",
     );
     let weed = tools::ensure_weed().context("step `install-test-deps` failed")?;
+    let python = tools::ensure_duckdb().context("step `install-test-deps` failed")?;
 
     step(
         2,
@@ -36,9 +40,31 @@ pub(crate) fn run() -> Result<()> {
         ]),
         "fix the warnings above",
     )?;
+    // no_std must stay true: the wire format and the agent core build for bare metal.
+    announce(4, "no_std", "cargo check for thumbv7em-none-eabihf");
+    run_cmd(Command::new("rustup").args(["target", "add", NO_STD_TARGET]))
+        .context("step `no_std` failed: could not add the bare-metal target")?;
+    run_cmd(&mut cargo([
+        "check",
+        "-p",
+        "blackbox-protocol",
+        "--target",
+        NO_STD_TARGET,
+    ]))
+    .context("step `no_std` failed: blackbox-protocol needs std somewhere")?;
+    run_cmd(&mut cargo([
+        "check",
+        "-p",
+        "blackbox-agent",
+        "--no-default-features",
+        "--target",
+        NO_STD_TARGET,
+    ]))
+    .context("step `no_std` failed: the agent core needs std somewhere")?;
     let mut test = cargo(["test", "--workspace"]);
     test.env("BLACKBOX_WEED", &weed);
-    step(4, "test", &mut test, "see the failing tests above")?;
+    test.env("BLACKBOX_PYTHON", &python);
+    step(5, "test", &mut test, "see the failing tests above")?;
 
     println!("==> all {STEPS} steps passed");
     Ok(())

