@@ -227,12 +227,11 @@ async fn recover(store: &Store, cfg: &SegmentConfig) -> anyhow::Result<Recent> {
         let keys = store.list(&prefix).await?;
         let idx: HashSet<&str> = keys.iter().filter_map(|k| k.strip_suffix(".idx")).collect();
         for k in &keys {
-            if let Some(base) = k.strip_suffix(".idx") {
+            if k.ends_with(".idx") {
                 let (entries, bad) = parse_index(&store.get(k).await?);
                 if bad > 0 {
                     tracing::warn!(key = %k, bad, "index object has unreadable lines");
                 }
-                let _ = base;
                 entries
                     .iter()
                     .filter_map(IndexEntry::chunk_id)
