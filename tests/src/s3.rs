@@ -10,8 +10,8 @@
 //! `cargo xtask install-test-deps` fills (`target/tools/venv/bin/weed`).
 
 use std::fs::{self, File};
-use std::io::{self, Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -327,29 +327,15 @@ fn loopback(port: u16) -> SocketAddr {
 }
 
 /// The status code of an unsigned `GET path`, or an error if nothing answers HTTP.
-fn http_get_status(addr: SocketAddr, path: &str) -> io::Result<u16> {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
-    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
-    stream.set_write_timeout(Some(Duration::from_secs(2)))?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: application/json\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut head = [0; 64];
-    let mut len = 0;
-    // The status line is all we need: "HTTP/1.1 200 OK".
-    while len < head.len() {
-        match stream.read(&mut head[len..])? {
-            0 => break,
-            n => len += n,
-        }
-        if head[..len].contains(&b'\r') {
-            break;
-        }
-    }
-    String::from_utf8_lossy(&head[..len])
-        .split_whitespace()
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "not an HTTP response"))
+fn http_get_status(addr: SocketAddr, path: &str) -> Result<u16, ureq::Error> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(3)))
+        .build()
+        .into();
+    let resp = agent
+        .get(format!("http://{addr}{path}"))
+        .header("Accept", "application/json")
+        .call()?;
+    Ok(resp.status().as_u16())
 }
