@@ -2,8 +2,8 @@
 //!
 //! The agent appends records as it reads them, *seals* pending records into chunks (fixing each
 //! chunk's identity, so every retry sends the same bytes), uploads the oldest sealed chunk, and
-//! removes it only when the server acknowledged it. Implementations: a file spool in the state
-//! directory (`linux::spool`) and, next, the persistent RAM ring.
+//! removes it only when the server acknowledged it. The implementation is the persistent ring
+//! (`linux::ringbuf`), where one sealed block is one chunk.
 use alloc::vec::Vec;
 
 use blackbox_protocol::{BootId, ChunkId, Record, SyncPoint};
@@ -26,8 +26,9 @@ pub trait LogBuffer {
     /// log stream resumes after it, so an agent restart neither duplicates nor skips records.
     fn resume_after(&self, boot: &BootId) -> Option<u64>;
 
-    /// Adds a record of the current boot.
-    fn append(&mut self, rec: Record) -> Result<(), Self::Error>;
+    /// Adds a record of the current boot; `sync` is the current clock pair (stamped on a new
+    /// block, in case the boot ends before the block is sealed).
+    fn append(&mut self, rec: Record, sync: SyncPoint) -> Result<(), Self::Error>;
 
     /// Bytes appended but not sealed yet (an estimate of their JSON size).
     fn pending_bytes(&self) -> usize;

@@ -162,3 +162,38 @@ mod tests {
         }
     }
 }
+
+/// Where a new boot starts in a stream of kmsg timestamps: a kernel that keeps its log buffer
+/// across reboots (PRINTK_PERSIST) shows the previous boot's records first, and the timestamps
+/// restart near zero where the current boot begins. Returns the indices whose timestamp goes
+/// back by more than `tolerance_us` (timestamps of different CPUs may differ slightly).
+pub fn boot_starts(
+    usecs: impl IntoIterator<Item = u64>,
+    tolerance_us: u64,
+) -> alloc::vec::Vec<usize> {
+    let mut out = alloc::vec::Vec::new();
+    let mut prev: Option<u64> = None;
+    for (i, u) in usecs.into_iter().enumerate() {
+        if prev.is_some_and(|p| u.saturating_add(tolerance_us) < p) {
+            out.push(i);
+        }
+        prev = Some(u);
+    }
+    out
+}
+
+#[cfg(test)]
+mod boot_tests {
+    use super::boot_starts;
+
+    #[test]
+    fn timestamp_resets_mark_boots() {
+        assert!(boot_starts([0, 5, 9, 12], 1000).is_empty());
+        // A small step back (another CPU's clock) is not a boot.
+        assert!(boot_starts([0, 5_000, 4_500, 6_000], 1000).is_empty());
+        assert_eq!(
+            boot_starts([0, 50_000_000, 0, 10, 30_000_000, 2], 1000),
+            vec![2, 5]
+        );
+    }
+}

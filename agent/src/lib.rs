@@ -14,6 +14,8 @@ extern crate alloc;
 
 pub mod buffer;
 pub mod kmsg;
+pub mod pstore;
+pub mod ring;
 pub mod schedule;
 
 #[cfg(all(feature = "std", target_os = "linux"))]

@@ -3,7 +3,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
-use blackbox_agent::linux::{self, RunConfig, spool::SpoolConfig};
+use blackbox_agent::linux::{self, RunConfig, sys::RingSpec};
+use blackbox_agent::ring::RingConfig;
 use blackbox_protocol::{BootId, DeviceId};
 use clap::{Parser, Subcommand};
 
@@ -20,7 +21,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Read the log stream, spool it, upload it.
+    /// Read the log stream, keep it in the persistent ring, upload it.
     Run(RunArgs),
 }
 
@@ -29,7 +30,7 @@ struct RunArgs {
     /// Server base URL, e.g. http://127.0.0.1:8080.
     #[arg(long)]
     server: String,
-    /// State directory (spool and cursor).
+    /// State directory (rejected chunks, the default file ring).
     #[arg(long, default_value = "/var/lib/blackbox")]
     state_dir: PathBuf,
     /// The log stream: /dev/kmsg, or a file/FIFO in kmsg format.
@@ -50,13 +51,21 @@ struct RunArgs {
     /// A file whose existence means the clock is NTP-synchronised.
     #[arg(long, default_value = "/run/systemd/timesync/synchronized")]
     synced_flag: PathBuf,
-    /// Largest inflated chunk, bytes.
-    #[arg(long, default_value_t = 256 << 10)]
-    chunk_max_bytes: usize,
-    /// Spool cap in bytes; past it, chunks from the middle of an outage are dropped (with a
-    /// gap record saying exactly what was lost).
-    #[arg(long, default_value_t = 16 << 20)]
-    spool_max_bytes: u64,
+    /// Where the ring lives: `mem:ADDRESS:SIZE` (reserved physical memory through /dev/mem,
+    /// e.g. mem:0x1e000000:1M) or `file:PATH:SIZE` (default: file:STATE_DIR/ring:16M).
+    #[arg(long)]
+    ring: Option<RingSpec>,
+    /// Percent of the ring kept from the start of an outage when it overflows (the rest keeps
+    /// the newest records; a gap record counts exactly what was dropped in between).
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u8).range(0..=100))]
+    keep_oldest: u8,
+    /// Block size of a newly formatted ring, bytes (one block is one chunk; default: the ring
+    /// size / 256, at least 4 KiB).
+    #[arg(long)]
+    block_size: Option<u32>,
+    /// Where pstore is mounted.
+    #[arg(long, default_value = "/sys/fs/pstore")]
+    pstore_dir: PathBuf,
     /// Deflate level 0-10.
     #[arg(long, default_value_t = 6)]
     level: u8,
@@ -82,8 +91,19 @@ fn main() -> anyhow::Result<()> {
                 None => linux::boot_id()?,
             };
             let interval = secs(a.interval, "interval")?;
+            let ring = a.ring.unwrap_or_else(|| RingSpec::File {
+                path: a.state_dir.join("ring"),
+                len: 16 << 20,
+            });
             linux::run(RunConfig {
                 server: a.server,
+                ring,
+                ring_cfg: RingConfig {
+                    keep_oldest_pct: a.keep_oldest,
+                    block_size: a.block_size,
+                },
+                pstore_dir: a.pstore_dir,
+                level: a.level,
                 state_dir: a.state_dir,
                 kmsg: a.kmsg,
                 interval,
@@ -91,12 +111,6 @@ fn main() -> anyhow::Result<()> {
                 device,
                 boot,
                 synced_flag: a.synced_flag,
-                spool: SpoolConfig {
-                    chunk_max_bytes: a.chunk_max_bytes,
-                    max_bytes: a.spool_max_bytes,
-                    level: a.level,
-                    ..SpoolConfig::default()
-                },
                 timeout: secs(a.timeout, "timeout")?,
             })
         }

@@ -164,6 +164,19 @@ pub struct Agent {
 
 impl Agent {
     pub fn start(server: &str, state: &Path, kmsg: &Path, device: &str, extra: &[&str]) -> Self {
+        Self::start_boot(server, state, kmsg, device, BOOT, extra)
+    }
+
+    /// An agent of boot `boot`. Unless `extra` says otherwise it reads pstore from
+    /// `<state>.pstore` (never the host's /sys/fs/pstore) and keeps its ring in the state dir.
+    pub fn start_boot(
+        server: &str,
+        state: &Path,
+        kmsg: &Path,
+        device: &str,
+        boot: &str,
+        extra: &[&str],
+    ) -> Self {
         let mut args: Vec<String> = vec![
             "run".into(),
             "--server".into(),
@@ -175,8 +188,12 @@ impl Agent {
             "--device-id".into(),
             device.into(),
             "--boot-id".into(),
-            BOOT.into(),
+            boot.into(),
         ];
+        if !extra.contains(&"--pstore-dir") {
+            args.push("--pstore-dir".into());
+            args.push(state.with_extension("pstore").display().to_string());
+        }
         args.extend(extra.iter().map(|s| s.to_string()));
         let log = state.with_extension("log");
         let mut a = Self {
@@ -237,19 +254,29 @@ impl KmsgFile {
         Self { path, next: 0 }
     }
 
-    /// Appends `n` records `line <seq>` (user facility, level 6).
+    /// Appends `n` records `line <seq>` (user facility, level 6) at 1 s + 100 µs × seq.
     pub fn append(&mut self, n: u64, tag: &str) {
+        self.append_at(n, tag, |s| 1_000_000 + s * 100);
+    }
+
+    /// Appends `n` records `line <seq>` with timestamps `usec(seq)`.
+    pub fn append_at(&mut self, n: u64, tag: &str, usec: impl Fn(u64) -> u64) {
+        let mut buf = Vec::new();
+        for _ in 0..n {
+            let s = self.next;
+            buf.extend(format!("14,{s},{},-;{tag}: line {s}\n", usec(s)).as_bytes());
+            self.next += 1;
+        }
+        self.append_raw(&buf);
+    }
+
+    /// Appends raw bytes.
+    pub fn append_raw(&mut self, bytes: &[u8]) {
         let mut f = std::fs::OpenOptions::new()
             .append(true)
             .open(&self.path)
             .unwrap();
-        let mut buf = Vec::new();
-        for _ in 0..n {
-            let s = self.next;
-            buf.extend(format!("14,{s},{},-;{tag}: line {s}\n", 1_000_000 + s * 100).as_bytes());
-            self.next += 1;
-        }
-        f.write_all(&buf).unwrap();
+        f.write_all(bytes).unwrap();
     }
 }
 
@@ -259,6 +286,8 @@ pub struct StoredLine {
     pub device: String,
     pub boot: String,
     pub seq: u64,
+    pub mono_us: u64,
+    pub origin: String,
     pub msg: String,
 }
 
@@ -288,6 +317,8 @@ pub fn read_store(store_url: &str, env: &[(String, String)]) -> Vec<StoredLine> 
                         device: v["device"].as_str().unwrap().to_owned(),
                         boot: v["boot"].as_str().unwrap().to_owned(),
                         seq: v["seq"].as_u64().unwrap(),
+                        mono_us: v["mono_us"].as_u64().unwrap(),
+                        origin: v["origin"].as_str().unwrap().to_owned(),
                         msg: v["msg"].as_str().unwrap().to_owned(),
                     });
                 }

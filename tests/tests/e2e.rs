@@ -27,7 +27,7 @@ fn exactly_once_through_restarts(store: &str, env: Vec<(String, String)>) {
         &state,
         &kmsg.path,
         "dev-a",
-        &["--interval", "0.5", "--chunk-max-bytes", "30000"],
+        &["--interval", "0.5", "--block-size", "8192"],
     );
     let stored = |n: usize| read_store(store, &env).len() >= n;
 
@@ -257,7 +257,7 @@ fn agents_back_off_under_503_and_deliver_everything() {
             &state,
             &k.path,
             &format!("busy-{i}"),
-            &["--interval", "2", "--chunk-max-bytes", "16000"],
+            &["--interval", "2", "--block-size", "4096"],
         ));
         files.push(k);
     }
@@ -350,7 +350,7 @@ fn stored_segments_read_with_zcat_and_duckdb() {
         &tmp.path().join("state"),
         &kmsg.path,
         "std-tools",
-        &["--interval", "0.3", "--chunk-max-bytes", "20000"],
+        &["--interval", "0.3", "--block-size", "4096"],
     );
     assert!(wait_until(Duration::from_secs(30), || read_store(
         &store,

@@ -1,23 +1,34 @@
-//! The Linux layer: read the log stream, keep it in the spool, upload on schedule.
+//! The Linux layer: read the log stream, keep it in the persistent ring, upload on schedule.
 //!
 //! One reader thread follows kmsg and sends records over a bounded channel; the main thread
-//! appends them to the spool, seals chunks when enough is pending or an upload is due, and
-//! uploads the oldest unacknowledged chunk first until the outbox is empty or a send fails.
+//! appends them to the ring and uploads the oldest unacknowledged chunk first until none is
+//! left or a send fails.
+//!
+//! At start-up, before anything of the current boot is stored, the agent settles what the
+//! previous boot left: the ring's unacknowledged blocks (uploaded under that boot's id),
+//! records a PRINTK_PERSIST kernel shows again in /dev/kmsg (those the ring already holds are
+//! skipped, the rest added to the previous boot), and pstore dumps (lines the ring does not hold
+//! are added, origin `pstore`; the files are unlinked once the server acknowledged them).
+pub mod pstore_files;
+pub mod ringbuf;
 pub mod source;
-pub mod spool;
+pub mod sys;
 pub mod upload;
 
-use std::path::PathBuf;
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use blackbox_protocol::{BootId, DeviceId, Origin, Record, SyncPoint};
 
-use crate::buffer::LogBuffer;
+use crate::kmsg::KmsgRecord;
+use crate::ring::{Ring, RingConfig};
 use crate::schedule::Schedule;
+use ringbuf::RingBuffer;
 use source::Event;
-use spool::{Spool, SpoolConfig};
+use sys::{Mapping, RingSpec};
 use upload::{Answer, Uploader};
 
 /// Everything `blackbox-agent run` needs.
@@ -25,8 +36,16 @@ use upload::{Answer, Uploader};
 pub struct RunConfig {
     /// Server base URL.
     pub server: String,
-    /// State directory (spool, cursor).
+    /// State directory (rejected chunks; the default file ring).
     pub state_dir: PathBuf,
+    /// Where the ring lives.
+    pub ring: RingSpec,
+    /// Ring settings (share kept from the start of an outage; block size of a new ring).
+    pub ring_cfg: RingConfig,
+    /// Where pstore is mounted.
+    pub pstore_dir: PathBuf,
+    /// Deflate level.
+    pub level: u8,
     /// The log stream: /dev/kmsg or a file/FIFO in the same format.
     pub kmsg: PathBuf,
     /// Upload interval.
@@ -39,8 +58,6 @@ pub struct RunConfig {
     pub boot: BootId,
     /// File whose existence means the wall clock is NTP-synchronised.
     pub synced_flag: PathBuf,
-    /// Spool settings.
-    pub spool: SpoolConfig,
     /// Request timeout.
     pub timeout: Duration,
 }
@@ -73,7 +90,8 @@ pub fn default_device_id() -> DeviceId {
         .unwrap_or_else(|_| DeviceId::new("unnamed").unwrap_or_else(|_| unreachable!()))
 }
 
-fn sync_point(flag: &std::path::Path) -> SyncPoint {
+/// The current monotonic/wall-clock pair.
+pub fn sync_point(flag: &Path) -> SyncPoint {
     let ts = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
     let mono_us = ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1_000;
     let wall_us = std::time::SystemTime::now()
@@ -97,24 +115,76 @@ fn random_u32() -> u32 {
     }
 }
 
+/// Opens (or formats) the ring and reports what recovery found.
+fn open_ring(cfg: &RunConfig) -> anyhow::Result<Box<Ring<Mapping>>> {
+    let map = Mapping::open(&cfg.ring).with_context(|| format!("mapping ring {}", cfg.ring))?;
+    match &cfg.ring {
+        RingSpec::Mem { .. } => eprintln!(
+            "blackbox-agent: ring {}: reserved memory, survives a panic and a warm reboot",
+            cfg.ring
+        ),
+        RingSpec::File { path, .. } => eprintln!(
+            "blackbox-agent: ring {}: a file ring survives an agent crash{}",
+            cfg.ring,
+            if Mapping::on_tmpfs(path) {
+                " but NOT a reboot (it is on tmpfs)"
+            } else {
+                "; it survives a reboot only as far as its file system does"
+            }
+        ),
+    }
+    let (ring, rec, reinit) = Ring::open_or_format(map, cfg.boot, cfg.ring_cfg)
+        .map_err(|e| anyhow::anyhow!("ring {}: {e}", cfg.ring))?;
+    if let Some(why) = reinit {
+        eprintln!("blackbox-agent: ring {}: re-initialised: {why}", cfg.ring);
+    }
+    if rec.torn > 0 || rec.bad_blocks > 0 || rec.torn_header || rec.covered > 0 {
+        eprintln!(
+            "blackbox-agent: ring recovery: {} torn record(s) cut off, {} damaged block(s) \
+             discarded, {} block(s) already counted in a gap{}",
+            rec.torn,
+            rec.bad_blocks,
+            rec.covered,
+            if rec.torn_header {
+                ", one header copy was torn (the other was used)"
+            } else {
+                ""
+            }
+        );
+    }
+    eprintln!(
+        "blackbox-agent: ring recovered {} record(s) in {} block(s){}",
+        rec.records,
+        rec.blocks,
+        ring.previous_boot()
+            .map_or(String::new(), |b| format!("; previous boot {b}"))
+    );
+    Ok(Box::new(ring))
+}
+
+/// Pstore files waiting for their lines to be acknowledged.
+struct PstorePending {
+    boot: BootId,
+    upto: u64,
+    files: Vec<pstore_files::PstoreFile>,
+}
+
 /// Runs the agent until the log source fails.
 pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
     std::fs::create_dir_all(&cfg.state_dir)
         .with_context(|| format!("creating {}", cfg.state_dir.display()))?;
-    let mut spool = Spool::open(
-        &cfg.state_dir,
-        cfg.device.clone(),
-        cfg.boot,
-        cfg.spool.clone(),
-    )?;
-    let resume = spool.resume_after(&cfg.boot);
+    let ring = open_ring(&cfg)?;
+    let previous = ring.previous_boot();
+    let mut buf =
+        RingBuffer::new(ring, cfg.device.clone(), cfg.boot, &cfg.state_dir).with_level(cfg.level);
+    let resume = buf.ring().resume_after(&cfg.boot);
     eprintln!(
         "blackbox-agent: device {} boot {}; reading {} after seq {}; {} chunk(s) waiting; uploading to {}",
         cfg.device,
         cfg.boot,
         cfg.kmsg.display(),
         resume.map_or("(start)".into(), |s| s.to_string()),
-        spool.unacked_chunks(),
+        buf.unacked_chunks(),
         cfg.server
     );
     let (tx, rx) = mpsc::sync_channel(65_536);
@@ -125,76 +195,359 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
     let min_backoff = (interval_ms / 16).clamp(1, 1_000);
     let mut sched = Schedule::new(interval_ms, cfg.jitter.as_millis() as u64, min_backoff);
     let mut next_upload = Instant::now() + Duration::from_millis(sched.first_delay(random_u32()));
+    // Until the backlog is read, hold events: the backlog may start with a previous boot.
+    let mut held: Option<Vec<Event>> = Some(Vec::new());
+    let mut pstore: Option<PstorePending> = None;
+    let mut dropped_reported = 0u64;
     loop {
         let wait = next_upload.saturating_duration_since(Instant::now());
         match rx.recv_timeout(wait) {
             Ok(ev) => {
-                handle(&mut spool, ev)?;
-                // Drain what is already queued without waiting.
-                while let Ok(ev) = rx.try_recv() {
-                    handle(&mut spool, ev)?;
-                    if spool.pending_bytes() >= cfg.spool.chunk_max_bytes {
-                        break;
-                    }
+                let mut batch = vec![ev];
+                while batch.len() < 4096
+                    && let Ok(ev) = rx.try_recv()
+                {
+                    batch.push(ev);
                 }
-                if spool.pending_bytes() >= cfg.spool.chunk_max_bytes {
-                    spool.seal(sync_point(&cfg.synced_flag))?;
+                for ev in batch {
+                    match (&mut held, ev) {
+                        (Some(h), Event::CaughtUp) => {
+                            let h = std::mem::take(h);
+                            held = None;
+                            settle_backlog(&mut buf, &cfg, previous, resume, h)?;
+                            pstore = collect_pstore(&mut buf, &cfg, previous)?;
+                        }
+                        (Some(h), ev) => h.push(ev),
+                        (None, ev) => handle(&mut buf, &cfg, &cfg.boot, ev)?,
+                    }
+                    report_drops(&buf, &mut dropped_reported);
                 }
             }
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => anyhow::bail!("log reader stopped"),
         }
         if Instant::now() >= next_upload {
-            spool.seal(sync_point(&cfg.synced_flag))?;
-            let delay = match upload_all(&mut spool, &uploader)? {
+            buf.seal_if_idle(sync_point(&cfg.synced_flag));
+            let delay = match upload_all(&mut buf, &uploader)? {
                 None => sched.after_success(random_u32()),
                 Some(after) => {
                     let d = sched.after_failure(after.map(|a| a.as_millis() as u64), random_u32());
                     eprintln!(
                         "blackbox-agent: retrying in {d} ms ({} chunk(s) waiting)",
-                        spool.unacked_chunks()
+                        buf.unacked_chunks()
                     );
                     d
                 }
             };
+            if let Err(e) = buf.ring_mut().backing_mut().flush() {
+                eprintln!("blackbox-agent: ring flush: {e}");
+            }
+            if let Some(p) = &pstore
+                && buf.delivered(&p.boot, p.upto)
+            {
+                for (path, e) in pstore_files::unlink(&p.files) {
+                    eprintln!("blackbox-agent: unlinking {}: {e}", path.display());
+                }
+                eprintln!(
+                    "blackbox-agent: pstore dump(s) delivered; {} file(s) unlinked",
+                    p.files.len()
+                );
+                pstore = None;
+            }
             next_upload = Instant::now() + Duration::from_millis(delay);
         }
     }
 }
 
-fn handle(spool: &mut Spool, ev: Event) -> anyhow::Result<()> {
+/// Why records named by a kmsg sequence jump are missing.
+const KMSG_LOST: &str = "overwritten in the kernel log before it was read";
+
+fn report_drops(buf: &RingBuffer<Mapping>, reported: &mut u64) {
+    let Some(g) = buf.last_note().dropped else {
+        return;
+    };
+    // Say it when a gap starts and each time it doubles, not for every block.
+    if g.count < *reported || g.count >= reported.saturating_mul(2).max(1) {
+        eprintln!(
+            "blackbox-agent: ring full of unacknowledged records: {} record(s) (seq {}..{}) \
+             dropped from the middle of the outage so far",
+            g.count, g.first, g.last
+        );
+        *reported = g.count;
+    }
+}
+
+fn to_record(r: KmsgRecord) -> Record {
+    Record {
+        seq: r.seq,
+        mono_us: r.usec,
+        level: r.level,
+        facility: r.facility,
+        origin: Origin::Kmsg,
+        msg: r.msg,
+    }
+}
+
+fn handle(
+    buf: &mut RingBuffer<Mapping>,
+    cfg: &RunConfig,
+    boot: &BootId,
+    ev: Event,
+) -> anyhow::Result<()> {
+    let sync = sync_point(&cfg.synced_flag);
     match ev {
-        Event::Record(r) => spool.append(Record {
-            seq: r.seq,
-            mono_us: r.usec,
-            level: r.level,
-            facility: r.facility,
-            origin: Origin::Kmsg,
-            msg: r.msg,
-        })?,
+        Event::Record(r) => {
+            let note = buf.append_to(boot, &to_record(r), &sync)?;
+            if note.truncated > 0 {
+                eprintln!(
+                    "blackbox-agent: a record was {} bytes too long for the ring; truncated",
+                    note.truncated
+                );
+            }
+        }
         Event::Gap { first, last, usec } => {
             eprintln!(
                 "blackbox-agent: records {first}..{last} were lost before they could be read"
             );
-            spool.append(Record::gap(
-                first,
-                last,
-                last - first + 1,
-                usec,
-                "overwritten in the kernel log before it was read",
-            ))?;
+            buf.append_gap(boot, first, last, usec, KMSG_LOST, &sync)?;
         }
+        Event::CaughtUp => {}
         Event::Failed(e) => anyhow::bail!("log source failed: {e}"),
     }
     Ok(())
 }
 
-/// Uploads until the outbox is empty (`Ok(None)`) or a send fails (`Ok(Some(retry_after))`).
-fn upload_all(spool: &mut Spool, up: &Uploader) -> anyhow::Result<Option<Option<Duration>>> {
-    while let Some(chunk) = spool.next_unacked()? {
+/// A stable stand-in id for a boot the ring knows nothing about (derived from what it logged,
+/// so a restart derives the same one and retries stay idempotent).
+fn derived_boot(device: &DeviceId, salt: &[u8]) -> BootId {
+    let mut out = [0u8; 16];
+    for (k, chunk) in out.chunks_mut(4).enumerate() {
+        let mut h = crc32fast::Hasher::new_with_initial(k as u32 * 0x9e37_79b9);
+        h.update(device.as_str().as_bytes());
+        h.update(salt);
+        chunk.copy_from_slice(&h.finalize().to_le_bytes());
+    }
+    // Mark it as a UUID of the "name-based" kind (version 5, RFC 4122 variant).
+    out[6] = (out[6] & 0x0f) | 0x50;
+    out[8] = (out[8] & 0x3f) | 0x80;
+    BootId(out)
+}
+
+/// The backlog read at start-up: on a PRINTK_PERSIST kernel it begins with earlier boots'
+/// records (their timestamps restart where the current boot begins). Records of the previous
+/// boot that the ring already holds (or had acknowledged) are skipped; the rest are added to
+/// that boot. Then the current boot's records are stored as usual.
+fn settle_backlog(
+    buf: &mut RingBuffer<Mapping>,
+    cfg: &RunConfig,
+    previous: Option<BootId>,
+    resume: Option<u64>,
+    held: Vec<Event>,
+) -> anyhow::Result<()> {
+    // An agent restart within this boot already stored this boot's start: nothing earlier
+    // can follow it in the stream.
+    let starts = if resume.is_some() {
+        Vec::new()
+    } else {
+        crate::kmsg::boot_starts(
+            held.iter().filter_map(|e| match e {
+                Event::Record(r) => Some(r.usec),
+                _ => None,
+            }),
+            1_000,
+        )
+    };
+    let Some(&current_start) = starts.last() else {
+        for ev in held {
+            handle(buf, cfg, &cfg.boot, ev)?;
+        }
+        return Ok(());
+    };
+    // Split held events into segments at the records where boots start.
+    let mut segments: Vec<Vec<Event>> = vec![Vec::new()];
+    let mut rec_index = 0usize;
+    for ev in held {
+        if let Event::Record(_) = ev {
+            if starts.contains(&rec_index) {
+                segments.push(Vec::new());
+            }
+            rec_index += 1;
+        }
+        if let Some(s) = segments.last_mut() {
+            s.push(ev);
+        }
+    }
+    let _ = current_start;
+    let current = segments.pop().unwrap_or_default();
+    let n_earlier = segments.len();
+    let mut replayed = 0usize;
+    let mut skipped = 0usize;
+    for (k, seg) in segments.into_iter().enumerate() {
+        // The segment right before this boot is the ring's previous boot; older ones (or any,
+        // when the ring knows no previous boot) get a stable derived id.
+        let boot = match previous {
+            Some(b) if k + 1 == n_earlier => b,
+            _ => {
+                let salt = seg
+                    .iter()
+                    .find_map(|e| match e {
+                        Event::Record(r) => Some(format!(
+                            "{} {} {}",
+                            r.seq,
+                            r.usec,
+                            String::from_utf8_lossy(&r.msg)
+                        )),
+                        _ => None,
+                    })
+                    .unwrap_or_default();
+                derived_boot(&cfg.device, salt.as_bytes())
+            }
+        };
+        let sync = buf.ring().last_sync(&boot).unwrap_or_default();
+        let known: HashSet<(u64, Vec<u8>)> = buf
+            .records_of(&boot)
+            .into_iter()
+            .map(|r| (r.mono_us, r.msg))
+            .collect();
+        for ev in seg {
+            let held_upto = buf.ring().resume_after(&boot);
+            match ev {
+                Event::Record(r) => {
+                    if held_upto.is_some_and(|h| r.seq <= h)
+                        || known.contains(&(r.usec, r.msg.clone()))
+                    {
+                        skipped += 1;
+                        continue;
+                    }
+                    buf.append_to(&boot, &to_record(r), &sync)?;
+                    replayed += 1;
+                }
+                Event::Gap { first, last, usec } => {
+                    let first = held_upto.map_or(first, |h| first.max(h + 1));
+                    if first <= last {
+                        buf.append_gap(&boot, first, last, usec, KMSG_LOST, &sync)?;
+                    }
+                }
+                Event::CaughtUp => {}
+                Event::Failed(e) => anyhow::bail!("log source failed: {e}"),
+            }
+        }
+    }
+    eprintln!(
+        "blackbox-agent: the kernel log holds {n_earlier} earlier boot(s): {skipped} record(s) \
+         already in the ring or acknowledged, {replayed} added to their boot"
+    );
+    buf.ring_mut().seal(&SyncPoint::default());
+    for ev in current {
+        handle(buf, cfg, &cfg.boot, ev)?;
+    }
+    Ok(())
+}
+
+/// Adds the pstore lines the ring does not hold to the previous boot.
+fn collect_pstore(
+    buf: &mut RingBuffer<Mapping>,
+    cfg: &RunConfig,
+    previous: Option<BootId>,
+) -> anyhow::Result<Option<PstorePending>> {
+    let (files, skipped) = match pstore_files::collect(&cfg.pstore_dir, 4 << 20) {
+        Ok(x) => x,
+        Err(e) => {
+            eprintln!("blackbox-agent: reading {}: {e}", cfg.pstore_dir.display());
+            return Ok(None);
+        }
+    };
+    for (path, why) in &skipped {
+        eprintln!("blackbox-agent: pstore {}: {why}", path.display());
+    }
+    if files.is_empty() {
+        return Ok(None);
+    }
+    let boot = previous.unwrap_or_else(|| {
+        let mut salt = Vec::new();
+        for f in &files {
+            salt.extend_from_slice(f.path.as_os_str().as_encoded_bytes());
+            for l in f.dump.lines.iter().take(4) {
+                salt.extend_from_slice(&l.text);
+            }
+        }
+        derived_boot(&cfg.device, &salt)
+    });
+    let held = buf.records_of(&boot);
+    let known: HashSet<(u64, &[u8])> = held.iter().map(|r| (r.mono_us, &r.msg[..])).collect();
+    let newest = held.iter().map(|r| r.mono_us).max();
+    let mut lines: Vec<(u64, u8, u8, Vec<u8>)> = Vec::new();
+    let mut last_mono = newest.unwrap_or(0);
+    for f in &files {
+        for l in &f.dump.lines {
+            let mono = l.mono_us.unwrap_or(last_mono);
+            last_mono = last_mono.max(mono);
+            lines.push((mono, l.level.unwrap_or(6), l.facility, l.text.clone()));
+        }
+    }
+    // Timestamped lines in time order (dmesg and console overlap: keep one copy of each).
+    lines.sort_by_key(|l| l.0);
+    let mut seen: HashSet<(u64, Vec<u8>)> = HashSet::new();
+    lines.retain(|l| seen.insert((l.0, l.3.clone())));
+    let mut sync = buf.ring().last_sync(&boot);
+    if sync.is_none() {
+        // The ring knows nothing of that boot's clock: a pstore file's time is when the
+        // kernel wrote the dump, at about the last line's monotonic time.
+        sync = files.iter().find_map(|f| {
+            let wall = f.mtime?.duration_since(std::time::UNIX_EPOCH).ok()?;
+            Some(SyncPoint {
+                mono_us: last_mono,
+                wall_us: wall.as_micros() as i64,
+                synced: false,
+            })
+        });
+    }
+    let sync = sync.unwrap_or_default();
+    let mut seq = buf.ring().resume_after(&boot).map_or(0, |s| s + 1);
+    let mut added = 0usize;
+    for (mono, level, facility, text) in lines {
+        let newer = newest.is_none_or(|n| mono > n);
+        let at_edge = newest == Some(mono) && !known.contains(&(mono, &text[..]));
+        if !(newer || at_edge) {
+            continue;
+        }
+        let rec = Record {
+            seq,
+            mono_us: mono,
+            level: level.min(Record::MAX_LEVEL),
+            facility,
+            origin: Origin::Pstore,
+            msg: text,
+        };
+        buf.append_to(&boot, &rec, &sync)?;
+        seq += 1;
+        added += 1;
+    }
+    buf.ring_mut().seal(&sync);
+    let reasons: Vec<String> = files.iter().filter_map(|f| f.dump.reason.clone()).collect();
+    eprintln!(
+        "blackbox-agent: pstore: {} file(s) ({}), {added} line(s) the ring did not hold added to boot {boot}",
+        files.len(),
+        if reasons.is_empty() {
+            "no dump header".to_string()
+        } else {
+            reasons.join(", ")
+        }
+    );
+    let upto = buf.ring().resume_after(&boot).unwrap_or(0);
+    Ok(Some(PstorePending { boot, upto, files }))
+}
+
+/// Uploads until nothing sealed is left (`Ok(None)`) or a send fails (`Ok(Some(retry_after))`).
+fn upload_all(
+    buf: &mut RingBuffer<Mapping>,
+    up: &Uploader,
+) -> anyhow::Result<Option<Option<Duration>>> {
+    use crate::buffer::LogBuffer;
+    while let Some(chunk) = buf.next_unacked()? {
         match up.send(&chunk.bytes) {
             Answer::Acked { duplicate } => {
-                spool.ack(&chunk.id)?;
+                buf.ack(&chunk.id)?;
                 if duplicate {
                     eprintln!("blackbox-agent: chunk {} was already stored", chunk.id);
                 }
@@ -203,7 +556,7 @@ fn upload_all(spool: &mut Spool, up: &Uploader) -> anyhow::Result<Option<Option<
                 eprintln!("blackbox-agent: upload of {} failed: {why}", chunk.id);
                 return Ok(Some(after));
             }
-            Answer::Rejected { why } => spool.reject(&chunk.id, &why)?,
+            Answer::Rejected { why } => buf.reject(&chunk.id, &why)?,
         }
     }
     Ok(None)

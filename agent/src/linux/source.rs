@@ -28,6 +28,8 @@ pub enum Event {
         /// Monotonic time of the record that followed the gap.
         usec: u64,
     },
+    /// Everything the kernel held when the agent started has been read (sent once).
+    CaughtUp,
     /// The source failed for good.
     Failed(String),
 }
@@ -84,7 +86,21 @@ impl SeqFilter {
 
 fn read_device(mut f: File, filter: &mut SeqFilter, tx: &SyncSender<Event>) -> std::io::Result<()> {
     let mut buf = vec![0u8; 16 * 1024];
+    let mut caught_up = false;
     loop {
+        if !caught_up {
+            let mut fds = [rustix::event::PollFd::new(&f, rustix::event::PollFlags::IN)];
+            let zero = rustix::time::Timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            };
+            if rustix::event::poll(&mut fds, Some(&zero)).is_ok_and(|n| n == 0) {
+                caught_up = true;
+                if tx.send(Event::CaughtUp).is_err() {
+                    return Ok(());
+                }
+            }
+        }
         match f.read(&mut buf) {
             Ok(0) => std::thread::sleep(Duration::from_millis(100)),
             Ok(n) => match kmsg::parse(&buf[..n]) {
@@ -112,9 +128,16 @@ fn read_lines(
 ) -> std::io::Result<()> {
     let mut r = BufReader::with_capacity(64 * 1024, f);
     let mut line = Vec::new();
+    let mut caught_up = false;
     loop {
         let n = r.read_until(b'\n', &mut line)?;
         if n == 0 || line.last() != Some(&b'\n') {
+            if !caught_up {
+                caught_up = true;
+                if tx.send(Event::CaughtUp).is_err() {
+                    return Ok(());
+                }
+            }
             // End of what was written so far (or a partial line): wait for more, like tail -f.
             std::thread::sleep(Duration::from_millis(50));
             continue;

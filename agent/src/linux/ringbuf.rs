@@ -1,0 +1,368 @@
+//! The ring as the agent's [`LogBuffer`]: records in, chunks out, acknowledgements back.
+//!
+//! Each sealed ring block becomes one chunk (its identity fixed by the block's boot and
+//! sequence range, so it survives a reboot unchanged); each gap entry becomes a chunk holding
+//! one gap record. A chunk the server rejects as invalid is written to `STATE/rejected/` and
+//! then treated as delivered, so it neither blocks the chunks behind it nor disappears.
+use std::path::PathBuf;
+
+use blackbox_protocol::{BootId, Chunk, ChunkId, DeviceId, Limits, Origin, Record, SyncPoint};
+
+use crate::buffer::{LogBuffer, Sealed};
+use crate::ring::{self, Entry, Item, Kind, Region, Ring};
+
+/// Errors of the ring buffer.
+#[derive(Debug, thiserror::Error)]
+pub enum RingBufError {
+    /// Building a chunk failed (a bug: the ring only holds valid records).
+    #[error("building a chunk: {0}")]
+    Encode(blackbox_protocol::EncodeError),
+    /// Appending broke the ring's rules (a bug in the caller).
+    #[error("ring append: {0}")]
+    Append(ring::AppendError),
+    /// Writing a rejected chunk aside failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// File.
+        path: PathBuf,
+        /// Error.
+        source: std::io::Error,
+    },
+}
+
+/// What an append did besides storing the record.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AppendNote {
+    /// A block of unacknowledged records was dropped from the middle of an outage.
+    pub dropped: Option<ring::GapInfo>,
+    /// Bytes cut from an over-long message.
+    pub truncated: usize,
+}
+
+/// The ring buffer.
+pub struct RingBuffer<M> {
+    ring: Box<Ring<M>>,
+    device: DeviceId,
+    boot: BootId,
+    level: u8,
+    limits: Limits,
+    rejected_dir: PathBuf,
+    /// The item handed out by `next_unacked` and its encoding (retries send the same bytes).
+    current: Option<(Item, Sealed)>,
+    last_note: AppendNote,
+}
+
+impl<M> std::fmt::Debug for RingBuffer<M> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RingBuffer")
+            .field("ring", &self.ring)
+            .field("device", &self.device)
+            .field("boot", &self.boot)
+            .finish()
+    }
+}
+
+fn origin_of(b: u8) -> Origin {
+    match b {
+        ring::origin::PSTORE => Origin::Pstore,
+        ring::origin::AGENT => Origin::Agent,
+        _ => Origin::Kmsg,
+    }
+}
+
+/// The ring's byte for an origin.
+pub fn origin_byte(o: Origin) -> u8 {
+    match o {
+        Origin::Pstore => ring::origin::PSTORE,
+        Origin::Agent => ring::origin::AGENT,
+        _ => ring::origin::KMSG,
+    }
+}
+
+/// The gap record for a gap entry.
+pub fn gap_record(g: &ring::GapInfo) -> Record {
+    let mut why = String::from("the ring was full during an outage; dropped from the middle");
+    if g.other > 0 {
+        why.push_str(&format!(
+            " (and {} records of later boots, gap table full)",
+            g.other
+        ));
+    }
+    Record::gap(g.first, g.last, g.count, g.mono_us, &why)
+}
+
+impl<M: Region> RingBuffer<M> {
+    /// Wraps an opened ring for `device`, appending records of `boot`.
+    pub fn new(
+        ring: Box<Ring<M>>,
+        device: DeviceId,
+        boot: BootId,
+        state_dir: &std::path::Path,
+    ) -> Self {
+        Self {
+            ring,
+            device,
+            boot,
+            level: 6,
+            limits: Limits::DEFAULT,
+            rejected_dir: state_dir.join("rejected"),
+            current: None,
+            last_note: AppendNote::default(),
+        }
+    }
+
+    /// Deflate level for chunks.
+    pub fn with_level(mut self, level: u8) -> Self {
+        self.level = level;
+        self
+    }
+
+    /// The ring.
+    pub fn ring(&self) -> &Ring<M> {
+        &self.ring
+    }
+
+    /// The ring, mutably (flushing the backing).
+    pub fn ring_mut(&mut self) -> &mut Ring<M> {
+        &mut self.ring
+    }
+
+    /// What the last append did besides storing.
+    pub fn last_note(&self) -> AppendNote {
+        self.last_note
+    }
+
+    /// Appends a record of any boot (`sync` stamps a block this starts).
+    pub fn append_to(
+        &mut self,
+        boot: &BootId,
+        rec: &Record,
+        sync: &SyncPoint,
+    ) -> Result<AppendNote, RingBufError> {
+        let max = (self.limits.max_msg as usize).min(ring::max_msg(self.ring.block_size()) - 16);
+        let (msg, cut) = if rec.msg.len() > max {
+            (&rec.msg[..max], rec.msg.len() - max)
+        } else {
+            (&rec.msg[..], 0)
+        };
+        let e = Entry {
+            kind: Kind::Log,
+            seq: rec.seq,
+            mono_us: rec.mono_us,
+            level: rec.level,
+            facility: rec.facility,
+            origin: origin_byte(rec.origin),
+            msg,
+        };
+        self.push(boot, &e, sync, cut)
+    }
+
+    fn push(
+        &mut self,
+        boot: &BootId,
+        e: &Entry<'_>,
+        sync: &SyncPoint,
+        cut: usize,
+    ) -> Result<AppendNote, RingBufError> {
+        let a = self
+            .ring
+            .append(boot, e, sync)
+            .map_err(RingBufError::Append)?;
+        if a.dropped.is_some() {
+            // The chunk handed out may be the one dropped: build the next one afresh.
+            self.current = None;
+        }
+        let note = AppendNote {
+            dropped: a.dropped,
+            truncated: cut + a.truncated,
+        };
+        self.last_note = note;
+        Ok(note)
+    }
+
+    /// Appends a gap record (records `first..=last`, `count` of them, lost for `reason`).
+    pub fn append_gap(
+        &mut self,
+        boot: &BootId,
+        first: u64,
+        last: u64,
+        mono_us: u64,
+        reason: &str,
+        sync: &SyncPoint,
+    ) -> Result<AppendNote, RingBufError> {
+        let e = Entry {
+            kind: Kind::Gap {
+                last,
+                count: last - first + 1,
+            },
+            seq: first,
+            mono_us,
+            level: 4,
+            facility: 0,
+            origin: ring::origin::AGENT,
+            msg: reason.as_bytes(),
+        };
+        self.push(boot, &e, sync, 0)
+    }
+
+    /// The records of `boot` the ring holds (acknowledged or not), oldest first.
+    pub fn records_of(&self, boot: &BootId) -> Vec<Record> {
+        let mut out = Vec::new();
+        for i in self.ring.block_order() {
+            if self.ring.block_meta(i).is_some_and(|m| m.boot == *boot) {
+                out.extend(self.ring.records(i).map(|e| to_record(&e)));
+            }
+        }
+        out
+    }
+
+    /// True once every record of `boot` up to `seq` is acknowledged (or accounted for by an
+    /// acknowledged gap).
+    pub fn delivered(&self, boot: &BootId, seq: u64) -> bool {
+        let r = &self.ring;
+        let in_block = r.block_order().any(|i| {
+            r.block_meta(i)
+                .is_some_and(|m| !m.acked && m.boot == *boot && m.records > 0 && m.first_seq <= seq)
+        });
+        let in_gap = r.gaps().iter().any(|g| g.boot == *boot && g.first <= seq);
+        !in_block && !in_gap
+    }
+
+    /// Seals the open block if it holds records and nothing sealed is waiting.
+    pub fn seal_if_idle(&mut self, sync: SyncPoint) -> bool {
+        if self.current.is_some() || self.ring.next_unacked().is_some() {
+            return false;
+        }
+        self.ring.seal(&sync)
+    }
+
+    /// Number of chunks waiting (the open block included).
+    pub fn unacked_chunks(&self) -> usize {
+        self.ring.unacked()
+    }
+
+    fn build(&self, item: &Item) -> Result<Sealed, RingBufError> {
+        let chunk = match item {
+            Item::Gap(g) => {
+                let sync = self.ring.last_sync(&g.boot).unwrap_or_default();
+                Chunk::new(self.device.clone(), g.boot, sync, vec![gap_record(g)])
+                    .map(|mut c| {
+                        c.id.last_seq = g.last;
+                        c
+                    })
+                    .map_err(RingBufError::Encode)?
+            }
+            Item::Block { index, .. } => {
+                let meta = self
+                    .ring
+                    .block_meta(*index)
+                    .ok_or(RingBufError::Encode(blackbox_protocol::EncodeError::Empty))?;
+                let records: Vec<Record> =
+                    self.ring.records(*index).map(|e| to_record(&e)).collect();
+                let mut c = Chunk::new(self.device.clone(), meta.boot, meta.sync, records)
+                    .map_err(RingBufError::Encode)?;
+                c.id.last_seq = meta.last_seq;
+                c
+            }
+        };
+        let bytes = chunk
+            .encode(self.level, &self.limits)
+            .map_err(RingBufError::Encode)?;
+        Ok(Sealed {
+            id: chunk.id,
+            bytes,
+        })
+    }
+}
+
+fn to_record(e: &Entry<'_>) -> Record {
+    match e.kind {
+        Kind::Log => Record {
+            seq: e.seq,
+            mono_us: e.mono_us,
+            level: e.level.min(Record::MAX_LEVEL),
+            facility: e.facility,
+            origin: origin_of(e.origin),
+            msg: e.msg.to_vec(),
+        },
+        Kind::Gap { last, count } => Record::gap(
+            e.seq,
+            last,
+            count,
+            e.mono_us,
+            &String::from_utf8_lossy(e.msg),
+        ),
+    }
+}
+
+impl<M: Region> LogBuffer for RingBuffer<M> {
+    type Error = RingBufError;
+
+    fn resume_after(&self, boot: &BootId) -> Option<u64> {
+        self.ring.resume_after(boot)
+    }
+
+    fn append(&mut self, rec: Record, sync: SyncPoint) -> Result<(), RingBufError> {
+        let boot = self.boot;
+        self.append_to(&boot, &rec, &sync).map(|_| ())
+    }
+
+    fn pending_bytes(&self) -> usize {
+        self.ring.pending_bytes()
+    }
+
+    fn seal(&mut self, sync: SyncPoint) -> Result<(), RingBufError> {
+        self.ring.seal(&sync);
+        Ok(())
+    }
+
+    fn next_unacked(&mut self) -> Result<Option<Sealed>, RingBufError> {
+        let Some(item) = self.ring.next_unacked() else {
+            self.current = None;
+            return Ok(None);
+        };
+        if let Some((it, s)) = &self.current
+            && *it == item
+        {
+            return Ok(Some(s.clone()));
+        }
+        let sealed = self.build(&item)?;
+        self.current = Some((item, sealed.clone()));
+        Ok(Some(sealed))
+    }
+
+    fn ack(&mut self, id: &ChunkId) -> Result<(), RingBufError> {
+        if let Some((item, s)) = self.current.take()
+            && s.id == *id
+            && !self.ring.ack(&item)
+        {
+            eprintln!("blackbox-agent: chunk {id} was acknowledged after the ring dropped it");
+        }
+        Ok(())
+    }
+
+    fn reject(&mut self, id: &ChunkId, reason: &str) -> Result<(), RingBufError> {
+        if let Some((_, s)) = &self.current
+            && s.id == *id
+        {
+            let dir = &self.rejected_dir;
+            let io = |source| RingBufError::Io {
+                path: dir.clone(),
+                source,
+            };
+            std::fs::create_dir_all(dir).map_err(io)?;
+            let name = format!("{}-{}-{}", id.boot, id.first_seq, id.last_seq);
+            let path = dir.join(format!("{name}.gz"));
+            std::fs::write(&path, &s.bytes).map_err(|source| RingBufError::Io {
+                path: path.clone(),
+                source,
+            })?;
+            let _ = std::fs::write(dir.join(format!("{name}.why")), reason);
+            eprintln!(
+                "blackbox-agent: server rejected chunk {id} ({reason}); kept in {}",
+                path.display()
+            );
+        }
+        self.ack(id)
+    }
+}
