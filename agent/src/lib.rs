@@ -3,11 +3,16 @@
 //! The core (no `std`, only `alloc`) is pure logic a test can drive with fake clocks:
 //! - [`kmsg`]: the `/dev/kmsg` record format (`prio,seq,usec,flags;text`, `\xNN` escapes).
 //! - [`schedule`]: when to upload (interval ± jitter, backoff capped at the interval).
+//! - [`ring`]: the persistent ring (no allocation at all): records in reserved memory that
+//!   survive a panic and a warm reboot, CRC-checked recovery after torn writes, one sealed block
+//!   per chunk, drop-from-the-middle with exact gap accounting when an outage outlasts it.
 //! - [`buffer`]: the [`buffer::LogBuffer`] trait between reading and uploading: records are
 //!   sealed into chunks with a fixed identity and leave only on the server's acknowledgement.
+//! - [`pstore`]: parsing pstore/ramoops dumps (the panic itself, after the reboot).
 //!
-//! The Linux layer (`linux`, behind the `std` feature) reads kmsg, keeps the file spool in the
-//! state directory, uploads over HTTP(S), and runs the loop.
+//! The Linux layer (`linux`, behind the `std` feature) maps the ring (`linux::sys`, the only
+//! `unsafe` code), reads kmsg, settles what the previous boot left (ring, PRINTK_PERSIST replay,
+//! pstore), uploads over HTTP(S), and runs the loop.
 #![cfg_attr(not(any(test, feature = "std")), no_std)]
 
 extern crate alloc;

@@ -926,13 +926,19 @@ impl<M: Region> Ring<M> {
     }
 
     /// Seals the open block (if it holds records) with a close record carrying `sync`: it
-    /// becomes uploadable, and the next append starts a new block.
+    /// becomes uploadable, and the next append starts a new block. `sync` is the current
+    /// boot's clock; a block of an earlier boot keeps the sync point it was started with.
     pub fn seal(&mut self, sync: &SyncPoint) -> bool {
         let Some(i) = self.open else { return false };
         if self.blocks[i as usize].records == 0 {
             return false;
         }
         let b = self.blocks[i as usize];
+        let sync = if b.boot == self.st.boot {
+            sync
+        } else {
+            &b.sync
+        };
         let start = self.block_start(i as usize) + b.used as usize;
         let mut rec = [0u8; CLOSE_LEN];
         let kl = (u32::from(KIND_CLOSE) << 24) | 9;

@@ -474,4 +474,13 @@ fn previous_boot_is_sealed_and_keeps_its_identity() {
         msg: b"dup",
     };
     assert!(r.append(&b1, &e, &sync(1)).is_err());
+    // A record of the old boot added now (a replay) goes to a new block that keeps the old
+    // boot's clock pair when the current boot seals it.
+    let e = Entry { seq: 15, ..e };
+    r.append(&b1, &e, &sync(7))
+        .expect("append after what is held");
+    assert!(r.seal(&sync(999)));
+    let last = r.block_order().last().expect("a block");
+    let m = r.block_meta(last).expect("meta");
+    assert_eq!((m.boot, m.first_seq, m.sync), (b1, 15, sync(7)));
 }

@@ -113,7 +113,11 @@ pub(crate) fn run(args: RunArgs) -> Result<()> {
             .arg("--interval")
             .arg(args.interval.to_string())
             .arg("--device-id")
-            .arg(&device_id);
+            .arg(&device_id)
+            // On a workstation /sys/fs/pstore belongs to systemd-pstore: the agent must not
+            // upload and unlink it. On a device the default (/sys/fs/pstore) applies.
+            .arg("--pstore-dir")
+            .arg(state_dir.join("pstore"));
         agent = Some(Proc::spawn("blackbox-agent", cmd)?);
         print_summary(&args, &store, &root, &device_id, &state_dir);
     } else {

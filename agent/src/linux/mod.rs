@@ -437,6 +437,7 @@ fn settle_backlog(
         "blackbox-agent: the kernel log holds {n_earlier} earlier boot(s): {skipped} record(s) \
          already in the ring or acknowledged, {replayed} added to their boot"
     );
+    // The previous boot's block is complete (the ring keeps its own clock pair for it).
     buf.ring_mut().seal(&SyncPoint::default());
     for ev in current {
         handle(buf, cfg, &cfg.boot, ev)?;
