@@ -163,23 +163,23 @@ mod tests {
     }
 }
 
-/// Where a new boot starts in a stream of kmsg timestamps: a kernel that keeps its log buffer
-/// across reboots (PRINTK_PERSIST) shows the previous boot's records first, and the timestamps
-/// restart near zero where the current boot begins. Returns the indices whose timestamp goes
-/// back by more than `tolerance_us` (timestamps of different CPUs may differ slightly).
-pub fn boot_starts(
-    usecs: impl IntoIterator<Item = u64>,
-    tolerance_us: u64,
+/// Where a new boot starts in a stream of kmsg records: a kernel that keeps its log buffer
+/// across reboots (PRINTK_PERSIST) shows the previous boot's records first, then the current
+/// boot's, which begin with the kernel's banner (`Linux version …`, facility kernel, printed
+/// first by every architecture, at a timestamp under a second). Timestamps alone are not
+/// enough: on x86 they restart once more early in every boot, when the TSC is calibrated.
+/// Returns the indices (never 0) of banners after the start of the stream.
+pub fn boot_starts<'a>(
+    records: impl IntoIterator<Item = (u8, u64, &'a [u8])>,
 ) -> alloc::vec::Vec<usize> {
-    let mut out = alloc::vec::Vec::new();
-    let mut prev: Option<u64> = None;
-    for (i, u) in usecs.into_iter().enumerate() {
-        if prev.is_some_and(|p| u.saturating_add(tolerance_us) < p) {
-            out.push(i);
-        }
-        prev = Some(u);
-    }
-    out
+    records
+        .into_iter()
+        .enumerate()
+        .filter(|(i, (facility, usec, msg))| {
+            *i > 0 && *facility == 0 && *usec < 1_000_000 && msg.starts_with(b"Linux version ")
+        })
+        .map(|(i, _)| i)
+        .collect()
 }
 
 #[cfg(test)]
@@ -187,13 +187,25 @@ mod boot_tests {
     use super::boot_starts;
 
     #[test]
-    fn timestamp_resets_mark_boots() {
-        assert!(boot_starts([0, 5, 9, 12], 1000).is_empty());
-        // A small step back (another CPU's clock) is not a boot.
-        assert!(boot_starts([0, 5_000, 4_500, 6_000], 1000).is_empty());
-        assert_eq!(
-            boot_starts([0, 50_000_000, 0, 10, 30_000_000, 2], 1000),
-            vec![2, 5]
-        );
+    fn banners_mark_boots() {
+        let banner: &[u8] = b"Linux version 6.1.0-48-amd64 (debian-kernel@lists.debian.org)";
+        // One boot, with the x86 timestamp restart after TSC calibration: no split.
+        let one = [
+            (0, 0, banner),
+            (0, 2_000, &b"tsc: Detected 2593.843 MHz processor"[..]),
+            (0, 10, &b"e820: update [mem 0x00000000-0x00000fff]"[..]),
+        ];
+        assert!(boot_starts(one).is_empty());
+        // A replayed boot, then this one.
+        let two = [
+            (0, 0, banner),
+            (1, 5_000_000, &b"app: hello"[..]),
+            (0, 0, banner),
+            (0, 10, &b"x"[..]),
+        ];
+        assert_eq!(boot_starts(two), vec![2]);
+        // A user-space line that looks like the banner is not one.
+        let fake = [(0, 0, banner), (1, 10, banner)];
+        assert!(boot_starts(fake).is_empty());
     }
 }

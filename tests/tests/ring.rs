@@ -341,13 +341,17 @@ fn printk_persist_replay_never_uploads_a_record_twice() {
     // The next boot's /dev/kmsg: boot A's 0..79 again, then boot B from 0 s.
     let mut replay = rig.kmsg("kmsg-b");
     replay.append_at(80, "a", ts_a);
+    // This boot starts with the kernel's banner (seq 80), as every boot does.
+    replay.append_raw(b"6,80,0,-;Linux version 6.1.0-test (blackbox@example) #1 SMP\n");
+    replay.next = 81;
     replay.append_at(50, "b", |s| 300_000 + s * 1_000);
     let agent_b = rig.agent(&replay, "persist", BOOT_B, &[]);
-    let lines = settled(&rig.store, 130, &agent_b);
+    let lines = settled(&rig.store, 131, &agent_b);
     let m = by_boot(&lines, "persist");
     let mut a = seqs(&m[BOOT]);
     a.sort_unstable();
     assert_eq!(a, (0..80).collect::<Vec<_>>(), "{}", agent_b.log_text());
-    assert_eq!(seqs(&m[BOOT_B]), (80..130).collect::<Vec<_>>());
-    assert!(m[BOOT_B].iter().all(|l| l.msg.starts_with("b:")));
+    assert_eq!(seqs(&m[BOOT_B]), (80..131).collect::<Vec<_>>());
+    assert!(m[BOOT_B][0].msg.starts_with("Linux version"));
+    assert!(m[BOOT_B][1..].iter().all(|l| l.msg.starts_with("b:")));
 }

@@ -334,7 +334,7 @@ fn derived_boot(device: &DeviceId, salt: &[u8]) -> BootId {
 }
 
 /// The backlog read at start-up: on a PRINTK_PERSIST kernel it begins with earlier boots'
-/// records (their timestamps restart where the current boot begins). Records of the previous
+/// records (the current boot begins at the kernel's banner). Records of the previous
 /// boot that the ring already holds (or had acknowledged) are skipped; the rest are added to
 /// that boot. Then the current boot's records are stored as usual.
 fn settle_backlog(
@@ -349,13 +349,10 @@ fn settle_backlog(
     let starts = if resume.is_some() {
         Vec::new()
     } else {
-        crate::kmsg::boot_starts(
-            held.iter().filter_map(|e| match e {
-                Event::Record(r) => Some(r.usec),
-                _ => None,
-            }),
-            1_000,
-        )
+        crate::kmsg::boot_starts(held.iter().filter_map(|e| match e {
+            Event::Record(r) => Some((r.facility, r.usec, &r.msg[..])),
+            _ => None,
+        }))
     };
     let Some(&current_start) = starts.last() else {
         for ev in held {
