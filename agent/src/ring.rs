@@ -117,6 +117,9 @@ mod blk {
 }
 
 const FLAG_ACKED_VALID: u32 = 1;
+/// Generations above this are corrupt (a ring would need 2^62 block writes to get there), so
+/// generation arithmetic never overflows.
+const MAX_GEN: u64 = 1 << 62;
 
 /// Why a header could not be used. The region is then re-initialised by the caller.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -131,7 +134,7 @@ pub enum HeaderError {
     NoMagic,
     /// A slot has the magic but a layout version this agent does not know.
     Version(u16),
-    /// Slots carry the magic but neither passes its CRC.
+    /// Slots carry the magic but neither passes its CRC (or holds impossible values).
     BadCrc,
     /// The header describes a different region size or an impossible block size (the
     /// configured size changed, or the header is corrupt).
@@ -695,7 +698,10 @@ impl<M: Region> Ring<M> {
                                 && info.last_seq <= g.last
                         });
                     if covered {
+                        // Finish the interrupted reuse: once the gap is acknowledged and gone
+                        // from the header, the block must not come back to life.
                         rec.covered += 1;
+                        self.mem.zero(start, BLOCK_HDR);
                         continue;
                     }
                     if info.records == 0 && !info.closed {
@@ -705,12 +711,12 @@ impl<M: Region> Ring<M> {
                     self.blocks[i] = info;
                     if info.gen_ > self.st.acked_gen {
                         rec.blocks += 1;
-                        rec.records += u64::from(info.records);
+                        rec.records = rec.records.saturating_add(u64::from(info.records));
                     }
                 }
             }
         }
-        self.next_gen = max_gen + 1;
+        self.next_gen = max_gen.saturating_add(1);
         self.rebuild_order();
         // The newest unsealed block of the current header boot stays open for appends.
         if let Some(&last) = self.order[..self.nlive].last() {
@@ -735,7 +741,7 @@ impl<M: Region> Ring<M> {
     }
 
     fn write_header(&mut self) {
-        self.st.counter += 1;
+        self.st.counter = self.st.counter.saturating_add(1);
         let off = if self.st.counter % 2 == 0 {
             0
         } else {
@@ -920,7 +926,7 @@ impl<M: Region> Ring<M> {
         b.records += 1;
         b.last_seq = e.last_seq();
         b.last_mono = e.mono_us;
-        b.weight += e.weight();
+        b.weight = b.weight.saturating_add(e.weight());
         b.used += need as u32;
         Ok(out)
     }
@@ -981,7 +987,7 @@ impl<M: Region> Ring<M> {
             self.nlive -= 1;
         }
         let gen_ = self.next_gen;
-        self.next_gen += 1;
+        self.next_gen = self.next_gen.saturating_add(1);
         let start = self.block_start(idx);
         let bs = self.block_size;
         self.mem.zero(start, bs);
@@ -1060,12 +1066,12 @@ impl<M: Region> Ring<M> {
                     let g = &mut self.st.gaps[n - 1];
                     g.first = g.first.min(v.first_seq);
                     g.last = g.last.max(v.last_seq);
-                    g.count += v.weight;
+                    g.count = g.count.saturating_add(v.weight);
                     gap = *g;
                 }
                 Some(_) if n == MAX_GAPS => {
                     let g = &mut self.st.gaps[n - 1];
-                    g.other += v.weight;
+                    g.other = g.other.saturating_add(v.weight);
                     gap = *g;
                 }
                 _ => {
@@ -1330,7 +1336,10 @@ fn parse_slot(s: &[u8]) -> Result<(State, usize, u64), HeaderError> {
         return Err(HeaderError::BadCrc);
     }
     let ngaps = rd_u32(s, slot::NGAPS) as usize;
-    if ngaps > MAX_GAPS || rd_u16(s, slot::SLOT_LEN) as usize != SLOT_LEN {
+    if ngaps > MAX_GAPS
+        || rd_u16(s, slot::SLOT_LEN) as usize != SLOT_LEN
+        || rd_u64(s, slot::ACKED_GEN) > MAX_GEN
+    {
         return Err(HeaderError::BadCrc);
     }
     let mut st = State {
@@ -1345,6 +1354,9 @@ fn parse_slot(s: &[u8]) -> Result<(State, usize, u64), HeaderError> {
     };
     for k in 0..ngaps {
         let o = slot::GAPS + k * slot::GAP_LEN;
+        if rd_u64(s, o) > MAX_GEN {
+            return Err(HeaderError::BadCrc);
+        }
         st.gaps[k] = GapInfo {
             after_gen: rd_u64(s, o),
             boot: rd_boot(s, o + 8),
@@ -1374,7 +1386,7 @@ fn walk_block(block: &[u8]) -> Result<Walk, bool> {
         return Err(true);
     }
     let gen_ = rd_u64(block, blk::GEN);
-    if gen_ == 0 {
+    if gen_ == 0 || gen_ > MAX_GEN {
         return Err(true);
     }
     let mut info = BlockInfo {
@@ -1421,7 +1433,7 @@ fn walk_block(block: &[u8]) -> Result<Walk, bool> {
                 info.records += 1;
                 info.last_seq = e.last_seq();
                 info.last_mono = e.mono_us;
-                info.weight += e.weight();
+                info.weight = info.weight.saturating_add(e.weight());
                 last = Some(e.last_seq());
                 off = next;
                 info.used = off as u32;

@@ -420,7 +420,7 @@ fn settle_backlog(
                     replayed += 1;
                 }
                 Event::Gap { first, last, usec } => {
-                    let first = held_upto.map_or(first, |h| first.max(h + 1));
+                    let first = held_upto.map_or(first, |h| first.max(h.saturating_add(1)));
                     if first <= last {
                         buf.append_gap(&boot, first, last, usec, KMSG_LOST, &sync)?;
                     }
@@ -501,7 +501,10 @@ fn collect_pstore(
         });
     }
     let sync = sync.unwrap_or_default();
-    let mut seq = buf.ring().resume_after(&boot).map_or(0, |s| s + 1);
+    let mut seq = buf
+        .ring()
+        .resume_after(&boot)
+        .map_or(0, |s| s.saturating_add(1));
     let mut added = 0usize;
     for (mono, level, facility, text) in lines {
         let newer = newest.is_none_or(|n| mono > n);
@@ -517,8 +520,11 @@ fn collect_pstore(
             origin: Origin::Pstore,
             msg: text,
         };
-        buf.append_to(&boot, &rec, &sync)?;
-        seq += 1;
+        if let Err(e) = buf.append_to(&boot, &rec, &sync) {
+            eprintln!("blackbox-agent: pstore line not added: {e}");
+            break;
+        }
+        seq = seq.saturating_add(1);
         added += 1;
     }
     buf.ring_mut().seal(&sync);

@@ -64,7 +64,7 @@ struct SeqFilter {
 impl SeqFilter {
     /// Returns false if the receiver is gone.
     fn offer(&mut self, rec: KmsgRecord, tx: &SyncSender<Event>) -> bool {
-        let expected = self.last.map_or(0, |l| l + 1);
+        let expected = self.last.map_or(0, |l| l.saturating_add(1));
         if self.last.is_some_and(|l| rec.seq <= l) {
             return true; // already held (agent restart) — never twice
         }
