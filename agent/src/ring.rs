@@ -117,9 +117,11 @@ mod blk {
 }
 
 const FLAG_ACKED_VALID: u32 = 1;
-/// Generations above this are corrupt (a ring would need 2^62 block writes to get there), so
-/// generation arithmetic never overflows.
-const MAX_GEN: u64 = 1 << 62;
+/// Generations above this are corrupt: a ring would need 2^63 block writes to get there.
+const MAX_GEN: u64 = 1 << 63;
+/// A ring whose generations passed this (only possible in a corrupt or forged region) is
+/// re-initialised, so every generation it writes afterwards stays readable (under `MAX_GEN`).
+const GEN_LIMIT: u64 = 1 << 62;
 
 /// Why a header could not be used. The region is then re-initialised by the caller.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -136,6 +138,8 @@ pub enum HeaderError {
     Version(u16),
     /// Slots carry the magic but neither passes its CRC (or holds impossible values).
     BadCrc,
+    /// Generation numbers are implausibly large (2^62 and more): a corrupt or forged region.
+    Generations,
     /// The header describes a different region size or an impossible block size (the
     /// configured size changed, or the header is corrupt).
     Geometry {
@@ -159,6 +163,7 @@ impl core::fmt::Display for HeaderError {
             Self::NoMagic => f.write_str("no ring header (never formatted, or overwritten)"),
             Self::Version(v) => write!(f, "unknown ring layout version {v}"),
             Self::BadCrc => f.write_str("both header slots fail their CRC"),
+            Self::Generations => f.write_str("generation numbers are implausibly large"),
             Self::Geometry {
                 recorded,
                 actual,
@@ -589,6 +594,9 @@ impl<M: Region> Ring<M> {
         let mut ring = Self::empty(mem, bs, nblocks, cfg);
         ring.st = st;
         ring.recover(&mut rec);
+        if ring.next_gen > GEN_LIMIT {
+            return Err((ring.into_inner(), HeaderError::Generations));
+        }
         if ring.st.boot != boot {
             // Every block of the earlier boot is sealed now.
             ring.open = None;

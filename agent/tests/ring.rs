@@ -293,7 +293,7 @@ proptest! {
                     }
                 }
             }
-            Err((_, e)) => prop_assert!(matches!(e, HeaderError::BadCrc | HeaderError::NoMagic | HeaderError::Version(_) | HeaderError::Geometry { .. }), "{e:?}"),
+            Err((_, e)) => prop_assert!(matches!(e, HeaderError::BadCrc | HeaderError::NoMagic | HeaderError::Version(_) | HeaderError::Geometry { .. } | HeaderError::Generations), "{e:?}"),
         }
     }
 
