@@ -593,9 +593,31 @@ impl<M: Region> Ring<M> {
         };
         let mut ring = Self::empty(mem, bs, nblocks, cfg);
         ring.st = st;
-        ring.recover(&mut rec);
+        let covered = ring.recover(&mut rec);
         if ring.next_gen > GEN_LIMIT {
             return Err((ring.into_inner(), HeaderError::Generations));
+        }
+        // Finish an interrupted reuse: a block a gap entry accounts for must not come back to
+        // life once the gap is acknowledged and gone from the header.
+        for (i, _) in covered.iter().enumerate().filter(|(_, c)| **c) {
+            let start = ring.block_start(i);
+            ring.mem.zero(start, BLOCK_HDR);
+        }
+        // The open block continues where its last intact record ends: clear what follows (a
+        // torn record, or stale bytes of this block's life), so nothing behind new records
+        // can be read back as part of the block.
+        if let Some(i) = ring.open {
+            let b = ring.blocks[i as usize];
+            let start = ring.block_start(i as usize) + b.used as usize;
+            let rest = ring.block_size - b.used as usize;
+            if ring
+                .mem
+                .bytes()
+                .get(start..start + rest)
+                .is_some_and(|t| t.iter().any(|&x| x != 0))
+            {
+                ring.mem.zero(start, rest);
+            }
         }
         if ring.st.boot != boot {
             // Every block of the earlier boot is sealed now.
@@ -679,12 +701,14 @@ impl<M: Region> Ring<M> {
         HEADER_LEN + i * self.block_size
     }
 
-    fn recover(&mut self, rec: &mut Recovery) {
+    /// Reads the blocks (no writes). Returns which blocks a gap entry already accounts for.
+    fn recover(&mut self, rec: &mut Recovery) -> [bool; MAX_BLOCKS] {
+        let mut covered_blocks = [false; MAX_BLOCKS];
         let mut max_gen = self.st.acked_gen;
         for g in &self.st.gaps[..self.st.ngaps] {
             max_gen = max_gen.max(g.after_gen);
         }
-        for i in 0..self.nblocks {
+        for (i, covered_block) in covered_blocks.iter_mut().enumerate().take(self.nblocks) {
             let start = self.block_start(i);
             let Some(block) = self.mem.bytes().get(start..start + self.block_size) else {
                 continue;
@@ -706,10 +730,8 @@ impl<M: Region> Ring<M> {
                                 && info.last_seq <= g.last
                         });
                     if covered {
-                        // Finish the interrupted reuse: once the gap is acknowledged and gone
-                        // from the header, the block must not come back to life.
                         rec.covered += 1;
-                        self.mem.zero(start, BLOCK_HDR);
+                        *covered_block = true;
                         continue;
                     }
                     if info.records == 0 && !info.closed {
@@ -733,6 +755,7 @@ impl<M: Region> Ring<M> {
                 self.open = Some(last);
             }
         }
+        covered_blocks
     }
 
     fn rebuild_order(&mut self) {
@@ -1347,6 +1370,7 @@ fn parse_slot(s: &[u8]) -> Result<(State, usize, u64), HeaderError> {
     if ngaps > MAX_GAPS
         || rd_u16(s, slot::SLOT_LEN) as usize != SLOT_LEN
         || rd_u64(s, slot::ACKED_GEN) > MAX_GEN
+        || rd_u64(s, slot::COUNTER) > MAX_GEN
     {
         return Err(HeaderError::BadCrc);
     }
