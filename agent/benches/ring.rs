@@ -23,12 +23,15 @@
 //! `cargo bench -p blackbox-agent --bench ring -- --test` runs each benchmark once.
 
 use std::hint::black_box;
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use blackbox_agent::ring::{self, Entry, Kind, Ring, RingConfig};
 use blackbox_protocol::{BootId, SyncPoint};
 use criterion::{BenchmarkGroup, Criterion, Throughput, criterion_main, measurement::WallTime};
+
+#[path = "../../protocol/benches/common/corpus.rs"]
+mod corpus;
+use corpus::corpus_lines;
 
 /// Ring sizes benchmarked.
 const SIZES: [(&str, usize); 2] = [("1MiB", 1 << 20), ("16MiB", 16 << 20)];
@@ -39,69 +42,6 @@ const SYNC: SyncPoint = SyncPoint {
     wall_us: 1_795_269_785_000_000,
     synced: true,
 };
-
-fn corpus_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/corpus/loghub")
-}
-
-/// Every line of every `*.log` file of the corpus, files sorted by name; panics with a clear
-/// message when there are none.
-fn corpus_lines() -> Vec<Vec<u8>> {
-    let dir = corpus_dir();
-    let entries = std::fs::read_dir(&dir).unwrap_or_else(|e| {
-        panic!(
-            "benchmark corpus missing: cannot read {} ({e}); the loghub samples are expected in \
-             shared/corpus/loghub/ next to the workspace",
-            dir.display()
-        )
-    });
-    let mut files: Vec<PathBuf> = entries
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|x| x == "log"))
-        .collect();
-    files.sort();
-    let mut lines = Vec::new();
-    for f in &files {
-        let bytes = std::fs::read(f)
-            .unwrap_or_else(|e| panic!("cannot read corpus file {}: {e}", f.display()));
-        lines.extend(split_lines(&bytes).into_iter().map(<[u8]>::to_vec));
-    }
-    assert!(
-        !lines.is_empty(),
-        "benchmark corpus empty: no *.log line in {}",
-        dir.display()
-    );
-    lines
-}
-
-/// Splits on `\n`, `\r\n` and lone `\r`. A final line terminator does not start an empty line.
-fn split_lines(bytes: &[u8]) -> Vec<&[u8]> {
-    let mut lines = Vec::new();
-    let mut start = 0;
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'\n' => {
-                lines.push(&bytes[start..i]);
-                start = i + 1;
-            }
-            b'\r' => {
-                lines.push(&bytes[start..i]);
-                if bytes.get(i + 1) == Some(&b'\n') {
-                    i += 1;
-                }
-                start = i + 1;
-            }
-            _ => {}
-        }
-        i += 1;
-    }
-    if start < bytes.len() {
-        lines.push(&bytes[start..]);
-    }
-    lines
-}
 
 fn cfg() -> RingConfig {
     RingConfig::default()

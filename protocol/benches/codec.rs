@@ -14,13 +14,17 @@
 //! `cargo bench -p blackbox-protocol -- --test` (or `cargo test --benches`) runs each once.
 
 use std::hint::black_box;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use blackbox_protocol::{
     BootId, Chunk, ChunkBuilder, ChunkHeader, DeviceId, Limits, Origin, Record, SyncPoint,
 };
 use criterion::{Criterion, Throughput, criterion_main};
+
+#[path = "common/corpus.rs"]
+mod corpus;
+use corpus::{corpus_files, split_lines};
 
 /// Records per chunk, roughly what the agent cuts at.
 const RECORDS_PER_CHUNK: usize = 1000;
@@ -37,62 +41,6 @@ struct Corpus {
     lines: usize,
     /// The file's records, cut into chunks.
     chunks: Vec<Chunk>,
-}
-
-fn corpus_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/corpus/loghub")
-}
-
-/// The `*.log` files of the corpus, sorted; panics with a clear message when there are none.
-fn corpus_files() -> Vec<PathBuf> {
-    let dir = corpus_dir();
-    let entries = std::fs::read_dir(&dir).unwrap_or_else(|e| {
-        panic!(
-            "benchmark corpus missing: cannot read {} ({e}); the loghub samples are expected in \
-             shared/corpus/loghub/ next to the workspace",
-            dir.display()
-        )
-    });
-    let mut files: Vec<PathBuf> = entries
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|x| x == "log"))
-        .collect();
-    files.sort();
-    assert!(
-        !files.is_empty(),
-        "benchmark corpus empty: no *.log file in {}",
-        dir.display()
-    );
-    files
-}
-
-/// Splits on `\n`, `\r\n` and lone `\r`. A final line terminator does not start an empty line.
-fn split_lines(bytes: &[u8]) -> Vec<&[u8]> {
-    let mut lines = Vec::new();
-    let mut start = 0;
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'\n' => {
-                lines.push(&bytes[start..i]);
-                start = i + 1;
-            }
-            b'\r' => {
-                lines.push(&bytes[start..i]);
-                if bytes.get(i + 1) == Some(&b'\n') {
-                    i += 1;
-                }
-                start = i + 1;
-            }
-            _ => {}
-        }
-        i += 1;
-    }
-    if start < bytes.len() {
-        lines.push(&bytes[start..]);
-    }
-    lines
 }
 
 /// Packs `lines` into chunks of at most [`RECORDS_PER_CHUNK`] records (fewer if a chunk would
