@@ -23,7 +23,6 @@
 //! `cargo bench -p blackbox-agent --bench ring -- --test` runs each benchmark once.
 
 use std::hint::black_box;
-use std::time::Duration;
 
 use blackbox_agent::ring::{self, Entry, Kind, Ring, RingConfig};
 use blackbox_protocol::{BootId, SyncPoint};
@@ -235,11 +234,7 @@ fn ring_benches(c: &mut Criterion) {
 /// Short runs; command-line options (`--warm-up-time`, `--measurement-time`, ...) override
 /// these.
 fn benches() {
-    let mut c = Criterion::default()
-        .sample_size(10)
-        .warm_up_time(Duration::from_millis(500))
-        .measurement_time(Duration::from_secs(2))
-        .configure_from_args();
+    let mut c = corpus::short_criterion();
     ring_benches(&mut c);
 }
 

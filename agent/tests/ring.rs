@@ -332,8 +332,7 @@ proptest! {
         };
         for seq in 0..n {
             let msg = vec![b'x'; len];
-            let e = Entry { kind: Kind::Log, seq, mono_us: seq, level: 6, facility: 0, origin: 0, msg: &msg };
-            r.append(&b, &e, &sync(seq)).expect("append");
+            r.append(&b, &log_entry(seq, &msg), &sync(seq)).expect("append");
             if online_every > 0 && seq % online_every == 0 && seq > n / 2 {
                 r.seal(&sync(seq));
                 drain(&mut r, &mut delivered, &mut lost);
@@ -363,19 +362,24 @@ fn formatted() -> Ring<Vec<u8>> {
         .expect("format")
 }
 
-/// Appends one record per sequence number (monotonic time = sequence number).
+/// A kmsg log line with monotonic time = sequence number.
+fn log_entry(seq: u64, msg: &[u8]) -> Entry<'_> {
+    Entry {
+        kind: Kind::Log,
+        seq,
+        mono_us: seq,
+        level: 6,
+        facility: 0,
+        origin: 0,
+        msg,
+    }
+}
+
+/// Appends one record per sequence number.
 fn log_lines(r: &mut Ring<Vec<u8>>, b: BootId, seqs: std::ops::Range<u64>, msg: &[u8]) {
     for seq in seqs {
-        let e = Entry {
-            kind: Kind::Log,
-            seq,
-            mono_us: seq,
-            level: 6,
-            facility: 0,
-            origin: 0,
-            msg,
-        };
-        r.append(&b, &e, &sync(1)).expect("append");
+        r.append(&b, &log_entry(seq, msg), &sync(1))
+            .expect("append");
     }
 }
 
@@ -501,16 +505,9 @@ fn a_block_counted_in_a_gap_never_comes_back() {
     let (base, log) = loop {
         let base = r.region().to_vec();
         r.backing_mut().log.clear();
-        let e = Entry {
-            kind: Kind::Log,
-            seq,
-            mono_us: seq,
-            level: 6,
-            facility: 0,
-            origin: 0,
-            msg: &msg,
-        };
-        let a = r.append(&b, &e, &sync(1)).expect("append");
+        let a = r
+            .append(&b, &log_entry(seq, &msg), &sync(1))
+            .expect("append");
         seq += 1;
         if a.dropped.is_some() {
             break (base, r.into_inner());

@@ -15,7 +15,6 @@
 
 use std::hint::black_box;
 use std::path::Path;
-use std::time::Duration;
 
 use blackbox_protocol::{
     BootId, Chunk, ChunkBuilder, ChunkHeader, DeviceId, Limits, Origin, Record, SyncPoint,
@@ -190,11 +189,7 @@ fn codec(c: &mut Criterion) {
 /// Short runs: 4 files x 3 benchmarks finish in about a minute on two cores. Command-line
 /// options (`--sample-size`, `--measurement-time`, ...) still override these.
 fn benches() {
-    let mut c = Criterion::default()
-        .sample_size(10)
-        .warm_up_time(Duration::from_millis(500))
-        .measurement_time(Duration::from_secs(2))
-        .configure_from_args();
+    let mut c = corpus::short_criterion();
     codec(&mut c);
 }
 

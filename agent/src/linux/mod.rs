@@ -209,6 +209,8 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
                 {
                     batch.push(ev);
                 }
+                // One clock reading per batch (it costs a stat of the NTP flag file).
+                let sync = sync_point(&cfg.synced_flag);
                 for ev in batch {
                     match (&mut held, ev) {
                         (Some(h), Event::CaughtUp) => {
@@ -218,7 +220,7 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
                             pstore = collect_pstore(&mut buf, &cfg, previous)?;
                         }
                         (Some(h), ev) => h.push(ev),
-                        (None, ev) => handle(&mut buf, &cfg, &cfg.boot, ev)?,
+                        (None, ev) => handle(&mut buf, &cfg.boot, ev, &sync)?,
                     }
                     report_drops(&buf, &mut dropped_reported);
                 }
@@ -288,16 +290,16 @@ fn to_record(r: KmsgRecord) -> Record {
     }
 }
 
+/// Stores one event of `boot`; `sync` is the clock pair stamped on a block it starts.
 fn handle(
     buf: &mut RingBuffer<Mapping>,
-    cfg: &RunConfig,
     boot: &BootId,
     ev: Event,
+    sync: &SyncPoint,
 ) -> anyhow::Result<()> {
-    let sync = sync_point(&cfg.synced_flag);
     match ev {
         Event::Record(r) => {
-            let note = buf.append_to(boot, &to_record(r), &sync)?;
+            let note = buf.append_to(boot, &to_record(r), sync)?;
             if note.truncated > 0 {
                 eprintln!(
                     "blackbox-agent: a record was {} bytes too long for the ring; truncated",
@@ -309,7 +311,7 @@ fn handle(
             eprintln!(
                 "blackbox-agent: records {first}..{last} were lost before they could be read"
             );
-            buf.append_gap(boot, first, last, usec, KMSG_LOST, &sync)?;
+            buf.append_gap(boot, first, last, usec, KMSG_LOST, sync)?;
         }
         Event::CaughtUp => {}
         Event::Failed(e) => anyhow::bail!("log source failed: {e}"),
@@ -354,12 +356,13 @@ fn settle_backlog(
             _ => None,
         }))
     };
-    let Some(&current_start) = starts.last() else {
+    let now = sync_point(&cfg.synced_flag);
+    if starts.is_empty() {
         for ev in held {
-            handle(buf, cfg, &cfg.boot, ev)?;
+            handle(buf, &cfg.boot, ev, &now)?;
         }
         return Ok(());
-    };
+    }
     // Split held events into segments at the records where boots start.
     let mut segments: Vec<Vec<Event>> = vec![Vec::new()];
     let mut rec_index = 0usize;
@@ -374,7 +377,6 @@ fn settle_backlog(
             s.push(ev);
         }
     }
-    let _ = current_start;
     let current = segments.pop().unwrap_or_default();
     let n_earlier = segments.len();
     let mut replayed = 0usize;
@@ -437,7 +439,7 @@ fn settle_backlog(
     // The previous boot's block is complete (the ring keeps its own clock pair for it).
     buf.ring_mut().seal(&SyncPoint::default());
     for ev in current {
-        handle(buf, cfg, &cfg.boot, ev)?;
+        handle(buf, &cfg.boot, ev, &now)?;
     }
     Ok(())
 }
