@@ -80,8 +80,13 @@ proptest! {
         let i = pos.index(bytes.len());
         bytes[i] ^= x;
         // Every byte is covered by a CRC (header CRC32, payload CRC32) or checked against the
-        // header.
-        prop_assert!(Chunk::decode(&bytes, &Limits::DEFAULT).is_err(), "byte {} changed yet decoded", i);
+        // header. Deflate has bits that do not change the inflated bytes (padding after the last
+        // block, code lengths of symbols never used): such a change may decode, but only to the
+        // very same chunk, since the CRC32 covers what was inflated.
+        match Chunk::decode(&bytes, &Limits::DEFAULT) {
+            Err(_) => {}
+            Ok(back) => prop_assert_eq!(back, c, "byte {} changed and decoded to another chunk", i),
+        }
     }
 
     #[test]
