@@ -12,7 +12,9 @@
 //!
 //! The Linux layer (`linux`, behind the `std` feature) maps the ring (`linux::sys`, the only
 //! `unsafe` code), reads kmsg, settles what the previous boot left (ring, PRINTK_PERSIST replay,
-//! pstore), uploads over HTTP(S), and runs the loop.
+//! pstore), keeps the device's identity (`linux::identity`: a key pair and a self-signed
+//! certificate whose CN is the device id), uploads over HTTPS with that certificate (mutual
+//! TLS, `linux::upload`), and runs the loop.
 #![cfg_attr(not(any(test, feature = "std")), no_std)]
 
 extern crate alloc;

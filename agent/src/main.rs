@@ -3,6 +3,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
+use blackbox_agent::linux::identity::{self, Identity, Obtained};
 use blackbox_agent::linux::{self, RunConfig, sys::RingSpec};
 use blackbox_agent::ring::RingConfig;
 use blackbox_protocol::{BootId, DeviceId};
@@ -22,15 +23,34 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Read the log stream, keep it in the persistent ring, upload it.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
+    /// Print this device's allowlist line (`<fingerprint>  <device id>`), making the identity
+    /// (key and self-signed certificate in STATE_DIR/identity) if there is none yet.
+    Identity(IdentityArgs),
+}
+
+#[derive(clap::Args)]
+struct IdentityArgs {
+    /// State directory (the identity is in STATE_DIR/identity).
+    #[arg(long, default_value = "/var/lib/blackbox")]
+    state_dir: PathBuf,
+    /// Device id for a new identity (default: the host name); an existing identity must have
+    /// this id.
+    #[arg(long)]
+    device_id: Option<String>,
 }
 
 #[derive(clap::Args)]
 struct RunArgs {
-    /// Server base URL, e.g. http://127.0.0.1:8080.
+    /// Server base URL: https://HOST[:PORT] (mutual TLS with the device identity), or
+    /// http://127.0.0.1:PORT for development (the server must run with --insecure-http).
     #[arg(long)]
     server: String,
-    /// State directory (rejected chunks, the default file ring).
+    /// PEM file with the CA certificate(s) the server's certificate must chain to (default:
+    /// the built-in web PKI roots). https:// only.
+    #[arg(long)]
+    server_ca: Option<PathBuf>,
+    /// State directory (device identity, rejected chunks, the default file ring).
     #[arg(long, default_value = "/var/lib/blackbox")]
     state_dir: PathBuf,
     /// The log stream: /dev/kmsg, or a file/FIFO in kmsg format.
@@ -42,7 +62,8 @@ struct RunArgs {
     /// Random spread around the interval, in seconds (default: a twelfth of the interval).
     #[arg(long)]
     jitter: Option<f64>,
-    /// Device id (default: the host name).
+    /// Device id (default: the host name). With https:// the device id is the identity's:
+    /// this names a new identity, or must match the existing one.
     #[arg(long)]
     device_id: Option<String>,
     /// Boot id (default: /proc/sys/kernel/random/boot_id).
@@ -79,13 +100,47 @@ fn secs(s: f64, what: &str) -> anyhow::Result<Duration> {
         .with_context(|| format!("--{what} must be a non-negative number of seconds"))
 }
 
+fn device_arg(d: Option<&str>) -> anyhow::Result<Option<DeviceId>> {
+    d.map(|d| DeviceId::new(d).map_err(|e| anyhow::anyhow!("--device-id {d:?}: {e}")))
+        .transpose()
+}
+
 fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
+        Cmd::Identity(a) => {
+            let wanted = device_arg(a.device_id.as_deref())?;
+            let (id, obtained) = Identity::load_or_create(&a.state_dir, wanted.as_ref())?;
+            let files = format!(
+                "{} ({}, {}, {})",
+                id.dir.display(),
+                identity::DEVICE_FILE,
+                identity::KEY_FILE,
+                identity::CERT_FILE
+            );
+            match obtained {
+                Obtained::Created => eprintln!(
+                    "blackbox-agent: created a new identity for device {} in {files}; add the \
+                     line below to the server's allowlist",
+                    id.device
+                ),
+                Obtained::NewCertificate => eprintln!(
+                    "blackbox-agent: made a new certificate for the existing key of device {} \
+                     in {files}; add the line below to the server's allowlist",
+                    id.device
+                ),
+                Obtained::Loaded => eprintln!(
+                    "blackbox-agent: the identity of device {} already existed in {files}",
+                    id.device
+                ),
+            }
+            println!("{}", id.allowlist_line());
+            Ok(())
+        }
         Cmd::Run(a) => {
-            let device = match a.device_id {
-                Some(d) => DeviceId::new(&d).map_err(|e| anyhow::anyhow!("--device-id: {e}"))?,
-                None => linux::default_device_id(),
-            };
+            let a = *a;
+            let wanted = device_arg(a.device_id.as_deref())?;
+            let (device, link) =
+                linux::link_for(&a.server, &a.state_dir, wanted.as_ref(), a.server_ca)?;
             let boot = match a.boot_id {
                 Some(b) => BootId::parse(&b).context("--boot-id is not a UUID")?,
                 None => linux::boot_id()?,
@@ -97,6 +152,7 @@ fn main() -> anyhow::Result<()> {
             });
             linux::run(RunConfig {
                 server: a.server,
+                link,
                 ring,
                 ring_cfg: RingConfig {
                     keep_oldest_pct: a.keep_oldest,

@@ -16,6 +16,7 @@
 //!   wall-clock/monotonic sync point, record count and the declared sizes.
 //! - [`line`]: one record as one JSON line (`ts`, `device`, `boot`, `seq`, `mono_us`, `level`,
 //!   `facility`, `origin`, `msg`).
+//! - [`identity`]: the certificate fingerprint that names a device on the server's allowlist.
 //! - [`chunk`]: [`ChunkBuilder`] emits chunks; [`Chunk::decode`] is **the** checked parse for
 //!   untrusted bytes. It enforces [`Limits`] (record count, line length, inflated size) *before*
 //!   and *while* inflating, so a decompression bomb costs at most the declared, bounded size.
@@ -33,6 +34,7 @@ extern crate std;
 pub mod chunk;
 pub mod error;
 pub mod header;
+pub mod identity;
 pub mod line;
 pub mod record;
 pub mod time;
@@ -40,4 +42,5 @@ pub mod time;
 pub use chunk::{Chunk, ChunkBuilder, Limits};
 pub use error::{DecodeError, EncodeError};
 pub use header::{BootId, ChunkHeader, ChunkId, DeviceId, SyncPoint};
+pub use identity::Fingerprint;
 pub use record::{Origin, Record};

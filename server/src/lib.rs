@@ -3,7 +3,8 @@
 //! The receiving path, left to right:
 //!
 //! - [`receive`]: the axum router. Load shedding first (a fixed number of in-flight requests;
-//!   over it, 503 + Retry-After at once), then the device identity, the body read with a size
+//!   over it, 503 + Retry-After at once), then the device identity (from the verified client
+//!   certificate, [`tls`], checked against the [`allowlist`] and the [`devices`] seen), the body read with a size
 //!   limit and a timeout, and [`blackbox_protocol::Chunk::decode`], the one checked parse.
 //! - [`segment`]: group commit. Valid chunks go to one committer task that appends them to the
 //!   open segment and writes it as one object at 16 MiB or 1 s, then its index object, and only
@@ -14,10 +15,13 @@
 //! not be, and the agent keeps it and retries.
 #![forbid(unsafe_code)]
 
+pub mod allowlist;
+pub mod devices;
 pub mod receive;
 pub mod segment;
 pub mod store;
+pub mod tls;
 
-pub use receive::{AppState, ReceiveConfig, app};
+pub use receive::{AppState, Auth, ReceiveConfig, app};
 pub use segment::{Committer, SegmentConfig};
 pub use store::Store;

@@ -1,9 +1,14 @@
 //! `blackbox-server`: the receiver (and later the downstream tools) as subcommands.
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
-use blackbox_server::{AppState, Committer, ReceiveConfig, SegmentConfig, Store, app};
+use anyhow::{Context, bail};
+use blackbox_protocol::{DeviceId, Fingerprint};
+use blackbox_server::allowlist::{self, AllowlistFile};
+use blackbox_server::devices::{self, Registry};
+use blackbox_server::{AppState, Auth, Committer, ReceiveConfig, SegmentConfig, Store, app, tls};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -19,15 +24,92 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Receive chunks over HTTP and group-commit them into segments.
+    /// Receive chunks over HTTPS from allowlisted devices and group-commit them into segments.
     Serve(ServeArgs),
+    /// Make the server's TLS certificate.
+    #[command(subcommand)]
+    Tls(TlsCmd),
+    /// The allowlist: devices waiting to be allowed, allowing and revoking them.
+    #[command(subcommand)]
+    Devices(DevicesCmd),
+}
+
+#[derive(Subcommand)]
+enum TlsCmd {
+    /// Make a private CA (ca.pem, ca.key) and a server certificate it signs (server.pem,
+    /// server.key) in DIR. Agents get ca.pem as --server-ca.
+    Init {
+        /// Directory for the four files.
+        #[arg(long, default_value = "./blackbox-tls")]
+        dir: PathBuf,
+        /// DNS names and IP addresses agents use to reach this server (repeat the flag).
+        /// Default: localhost, 127.0.0.1, ::1 and 10.0.2.2 (the host as QEMU guests see it).
+        #[arg(long = "name")]
+        names: Vec<String>,
+        /// Replace existing files.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(clap::Args)]
+struct ListArgs {
+    /// The allowlist file (as given to `serve --allowlist`).
+    #[arg(long)]
+    allowlist: PathBuf,
+    /// The record of certificates seen (default: the allowlist's path + `.devices`).
+    #[arg(long)]
+    devices_file: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum DevicesCmd {
+    /// Certificates that connected but are not on the allowlist.
+    Pending(ListArgs),
+    /// Certificates on the allowlist, with when they were last seen.
+    List(ListArgs),
+    /// Add a certificate to the allowlist (the server picks it up within a second).
+    Allow {
+        #[command(flatten)]
+        files: ListArgs,
+        /// The fingerprint (`blackbox-agent identity` prints it; `devices pending` lists it).
+        fingerprint: String,
+        /// The device id this certificate must carry (default: the one it presented, if seen).
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Remove a certificate from the allowlist: its next request is refused.
+    Revoke {
+        #[command(flatten)]
+        files: ListArgs,
+        /// The fingerprint.
+        fingerprint: String,
+    },
 }
 
 #[derive(clap::Args)]
 struct ServeArgs {
-    /// Address to listen on.
-    #[arg(long, default_value = "127.0.0.1:8080")]
-    listen: SocketAddr,
+    /// Address to listen on (default 0.0.0.0:8443 with TLS, 127.0.0.1:8080 with
+    /// --insecure-http).
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// The server's certificate chain (PEM).
+    #[arg(long, required_unless_present = "insecure_http")]
+    tls_cert: Option<PathBuf>,
+    /// The server's private key (PEM).
+    #[arg(long, required_unless_present = "insecure_http")]
+    tls_key: Option<PathBuf>,
+    /// Fingerprints of the device certificates allowed to write, one per line (re-read when it
+    /// changes).
+    #[arg(long, required_unless_present = "insecure_http")]
+    allowlist: Option<PathBuf>,
+    /// The record of certificates seen (default: the allowlist's path + `.devices`).
+    #[arg(long)]
+    devices_file: Option<PathBuf>,
+    /// Development only: plain HTTP on a loopback address, the device named by the
+    /// x-blackbox-device header, no authentication at all.
+    #[arg(long, conflicts_with_all = ["tls_cert", "tls_key", "allowlist"])]
+    insecure_http: bool,
     /// Store URL: file:///path, s3://bucket/prefix (AWS_* variables) or memory://.
     #[arg(long, default_value = "./blackbox-data")]
     store: String,
@@ -73,6 +155,146 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     match cli.cmd {
         Cmd::Serve(a) => rt.block_on(serve(a)),
+        Cmd::Tls(TlsCmd::Init { dir, names, force }) => tls_init(&dir, names, force),
+        Cmd::Devices(d) => devices_cmd(d),
+    }
+}
+
+fn tls_init(dir: &Path, mut names: Vec<String>, force: bool) -> anyhow::Result<()> {
+    if names.is_empty() {
+        names = ["localhost", "127.0.0.1", "::1", "10.0.2.2"]
+            .map(String::from)
+            .to_vec();
+    }
+    let f = tls::init(dir, &names, force)?;
+    println!("server certificate for {}", names.join(", "));
+    println!("  --tls-cert {}", f.server_cert.display());
+    println!("  --tls-key  {}", f.server_key.display());
+    println!("agents verify the server with:");
+    println!("  --server-ca {}", f.ca_cert.display());
+    println!(
+        "keep {} offline: it only signs another server certificate",
+        f.ca_key.display()
+    );
+    Ok(())
+}
+
+fn devices_file(allowlist: &Path, given: Option<PathBuf>) -> PathBuf {
+    given.unwrap_or_else(|| {
+        let mut p = allowlist.as_os_str().to_owned();
+        p.push(".devices");
+        PathBuf::from(p)
+    })
+}
+
+fn parse_fp(s: &str) -> anyhow::Result<Fingerprint> {
+    s.parse::<Fingerprint>()
+        .map_err(|e| anyhow::anyhow!("{s:?} is not a fingerprint: {e}"))
+}
+
+fn devices_cmd(cmd: DevicesCmd) -> anyhow::Result<()> {
+    match cmd {
+        DevicesCmd::Pending(a) | DevicesCmd::List(a) if !a.allowlist.exists() => {
+            bail!("no allowlist at {}", a.allowlist.display())
+        }
+        DevicesCmd::Pending(a) => {
+            let list = allowlist_text(&a.allowlist)?;
+            let pending = seen_by_allowance(&a, &list, false)?;
+            print_seen(&pending);
+            if pending.is_empty() {
+                eprintln!("no pending devices");
+            }
+            Ok(())
+        }
+        DevicesCmd::List(a) => {
+            let list = allowlist_text(&a.allowlist)?;
+            let allowed = seen_by_allowance(&a, &list, true)?;
+            print_seen(&allowed);
+            eprintln!(
+                "{} certificate(s) allowed, {} of them seen by this receiver",
+                list.len(),
+                allowed.len()
+            );
+            Ok(())
+        }
+        DevicesCmd::Allow {
+            files,
+            fingerprint,
+            name,
+        } => {
+            let fp = parse_fp(&fingerprint)?;
+            let name = match name {
+                Some(n) => Some(n),
+                None => devices::load(&devices_file(&files.allowlist, files.devices_file))?
+                    .into_iter()
+                    .find(|s| s.fingerprint.parse::<Fingerprint>().ok() == Some(fp))
+                    .and_then(|s| s.device),
+            };
+            let name = name
+                .map(|n| DeviceId::new(&n).map_err(|e| anyhow::anyhow!("device id {n:?}: {e}")))
+                .transpose()?;
+            allowlist::allow(&files.allowlist, &fp, name.as_ref())?;
+            match name {
+                Some(n) => println!("allowed {fp} as device {n}"),
+                None => println!("allowed {fp} (device id: the certificate's CN)"),
+            }
+            Ok(())
+        }
+        DevicesCmd::Revoke { files, fingerprint } => {
+            let fp = parse_fp(&fingerprint)?;
+            let now = devices::rfc3339(devices::now_secs());
+            allowlist::revoke(&files.allowlist, &fp, &now)?;
+            println!("revoked {fp}: its next request is refused");
+            Ok(())
+        }
+    }
+}
+
+/// The certificates seen that are (or are not) on the allowlist.
+fn seen_by_allowance(
+    a: &ListArgs,
+    list: &allowlist::Allowlist,
+    allowed: bool,
+) -> anyhow::Result<Vec<devices::Seen>> {
+    let seen = devices::load(&devices_file(&a.allowlist, a.devices_file.clone()))?;
+    Ok(seen
+        .into_iter()
+        .filter(|s| {
+            s.fingerprint
+                .parse::<Fingerprint>()
+                .is_ok_and(|fp| list.get(&fp).is_some() == allowed)
+        })
+        .collect())
+}
+
+fn allowlist_text(path: &Path) -> anyhow::Result<allowlist::Allowlist> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let (list, errors) = allowlist::Allowlist::parse(&text);
+    for e in errors {
+        eprintln!("{}:{}: skipped: {}", path.display(), e.line, e.reason);
+    }
+    Ok(list)
+}
+
+fn print_seen(rows: &[devices::Seen]) {
+    if rows.is_empty() {
+        return;
+    }
+    println!(
+        "{:<71}  {:<24}  {:<20}  {:<20}  {:>8}  FROM",
+        "FINGERPRINT", "DEVICE", "FIRST SEEN", "LAST SEEN", "REQUESTS"
+    );
+    for s in rows {
+        println!(
+            "{:<71}  {:<24}  {:<20}  {:<20}  {:>8}  {}",
+            s.fingerprint,
+            s.device.as_deref().unwrap_or("-"),
+            devices::rfc3339(s.first_seen),
+            devices::rfc3339(s.last_seen),
+            s.requests,
+            s.last_addr
+        );
     }
 }
 
@@ -100,14 +322,61 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         limits,
         ..ReceiveConfig::default()
     };
-    let router = app(AppState::new(committer, rcfg));
-    let listener = tokio::net::TcpListener::bind(a.listen)
-        .await
-        .with_context(|| format!("binding {}", a.listen))?;
-    tracing::info!(listen = %listener.local_addr()?, store = store.url(), "blackbox-server receiving");
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown_signal())
+    let state = AppState::new(committer, rcfg);
+    if a.insecure_http {
+        let listen = a
+            .listen
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080)));
+        if !listen.ip().is_loopback() {
+            bail!(
+                "--insecure-http trusts any client to name its device, so it only listens on \
+                 loopback; {listen} is not (use --tls-cert, --tls-key and --allowlist)"
+            );
+        }
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("binding {listen}"))?;
+        tracing::warn!(listen = %listener.local_addr()?, store = store.url(),
+            "blackbox-server receiving over plain HTTP (development mode: devices are not authenticated)");
+        axum::serve(listener, app(state))
+            .with_graceful_shutdown(shutdown_signal())
+            .await?;
+    } else {
+        let (Some(cert), Some(key), Some(list_path)) = (a.tls_cert, a.tls_key, a.allowlist) else {
+            bail!("--tls-cert, --tls-key and --allowlist are required (or --insecure-http)");
+        };
+        let tls_cfg = tls::server_config(&cert, &key)?;
+        let allowlist = AllowlistFile::open(&list_path)?;
+        let registry = Registry::open(&devices_file(&list_path, a.devices_file))?;
+        let _watch = allowlist.watch(Duration::from_millis(250));
+        let _flush = registry.flush_every(Duration::from_secs(1));
+        let state = state.with_auth(Auth::Certificate {
+            allowlist: allowlist.clone(),
+            registry: registry.clone(),
+        });
+        let listen = a
+            .listen
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 8443)));
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("binding {listen}"))?;
+        tracing::info!(listen = %listener.local_addr()?, store = store.url(),
+            allowlist = %list_path.display(), devices = allowlist.current().len(),
+            "blackbox-server receiving over HTTPS (device certificates on the allowlist)");
+        let al = allowlist.clone();
+        tls::serve(
+            listener,
+            tls_cfg,
+            app(state),
+            tls::ServeConfig::default(),
+            Arc::new(move || al.refresh()),
+            shutdown_signal(),
+        )
         .await?;
+        if let Err(e) = registry.flush() {
+            tracing::warn!(error = %format!("{e:#}"), "cannot write the record of seen devices");
+        }
+    }
     // The router (and its committer handles) are dropped: the committer writes the last segment.
     task.await?;
     tracing::info!("stopped; last segment written");

@@ -5,13 +5,14 @@
 //! | 201 | stored now (durably, in a segment) |
 //! | 200 | already stored (a retry recognised by its identity) |
 //! | 400 | invalid chunk, with the reason |
-//! | 401 / 403 | no device identity / chunk claims another device |
+//! | 401 / 403 | no device identity / device not allowed, or chunk claims another device |
 //! | 408 | body not received in time |
 //! | 413 | body or declared inflated size over the limit |
 //! | 503 + Retry-After | over the concurrency limit (shed at once, never queued) or store failing |
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::Extension;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, Request, State};
@@ -23,7 +24,10 @@ use blackbox_protocol::{Chunk, DecodeError, DeviceId, Limits};
 use http_body_util::BodyExt;
 use tokio::sync::Semaphore;
 
+use crate::allowlist::AllowlistFile;
+use crate::devices::Registry;
 use crate::segment::{CommitError, Committer, Outcome};
+use crate::tls::PeerCert;
 
 /// Receiver settings.
 #[derive(Debug, Clone)]
@@ -60,6 +64,23 @@ pub struct AppState {
     /// Settings.
     pub cfg: Arc<ReceiveConfig>,
     inflight: Arc<Semaphore>,
+    auth: Auth,
+}
+
+/// How a request's device is known.
+#[derive(Clone, Debug)]
+pub enum Auth {
+    /// Development mode (`serve --insecure-http`, loopback only): the device the
+    /// `x-blackbox-device` header names. Anybody who can connect can write as anybody.
+    Header,
+    /// The connection's verified client certificate, on the allowlist: the device id is the
+    /// certificate's subject CN (and the allowlist line's name, when it has one).
+    Certificate {
+        /// The allowlist, re-read on change.
+        allowlist: Arc<AllowlistFile>,
+        /// Certificates seen: pending devices and who holds which device id.
+        registry: Arc<Registry>,
+    },
 }
 
 impl AppState {
@@ -70,7 +91,14 @@ impl AppState {
             committer,
             cfg: Arc::new(cfg),
             inflight,
+            auth: Auth::Header,
         }
+    }
+
+    /// The same state, deciding device identity with `auth`.
+    pub fn with_auth(mut self, auth: Auth) -> Self {
+        self.auth = auth;
+        self
     }
 }
 
@@ -98,6 +126,9 @@ pub enum ApiError {
     /// No usable device identity on the request.
     #[error("no device identity: {0}")]
     Unauthenticated(&'static str),
+    /// A certificate that may not write (not on the allowlist, or its device id is taken).
+    #[error("{0}")]
+    NotAllowed(String),
     /// The chunk names a device other than the authenticated one.
     #[error("chunk is for device {claimed}, but this connection is device {actual}")]
     WrongDevice {
@@ -128,7 +159,7 @@ impl IntoResponse for ApiError {
             }
             Self::Invalid(_) | Self::Body(_) => (StatusCode::BAD_REQUEST, None),
             Self::Unauthenticated(_) => (StatusCode::UNAUTHORIZED, None),
-            Self::WrongDevice { .. } => (StatusCode::FORBIDDEN, None),
+            Self::WrongDevice { .. } | Self::NotAllowed(_) => (StatusCode::FORBIDDEN, None),
             Self::Timeout(_) => (StatusCode::REQUEST_TIMEOUT, None),
             Self::Overloaded(s) | Self::Commit(_, s) => (StatusCode::SERVICE_UNAVAILABLE, Some(*s)),
         };
@@ -154,27 +185,86 @@ async fn shed(State(st): State<AppState>, req: Request, next: Next) -> Response 
     }
 }
 
-/// Header naming the device, in development mode only (until device certificates are used).
+/// Header naming the device, in development mode only (`serve --insecure-http`).
 pub const DEVICE_HEADER: &str = "x-blackbox-device";
 
 /// **The one place** a request's device identity is decided.
-fn authenticate(headers: &HeaderMap) -> Result<DeviceId, ApiError> {
-    let v = headers.get(DEVICE_HEADER).ok_or(ApiError::Unauthenticated(
-        "missing x-blackbox-device header",
-    ))?;
-    let s = v
-        .to_str()
-        .map_err(|_| ApiError::Unauthenticated("device header is not text"))?;
-    DeviceId::new(s)
-        .map_err(|_| ApiError::Unauthenticated("device header is not a valid device id"))
+///
+/// With certificates: the certificate must be on the allowlist (checked on every request, so a
+/// revocation applies to open connections too), carry a device id as its subject CN, match the
+/// allowlist line's name if it has one, and not take a device id that another allowlisted
+/// certificate holds. Headers, URL and body are never consulted. A refused certificate is
+/// recorded, so `blackbox-server devices pending` lists it.
+fn authenticate(
+    auth: &Auth,
+    headers: &HeaderMap,
+    peer: Option<&PeerCert>,
+) -> Result<DeviceId, ApiError> {
+    let (allowlist, registry) = match auth {
+        Auth::Header => {
+            let v = headers.get(DEVICE_HEADER).ok_or(ApiError::Unauthenticated(
+                "missing x-blackbox-device header",
+            ))?;
+            let s = v
+                .to_str()
+                .map_err(|_| ApiError::Unauthenticated("device header is not text"))?;
+            return DeviceId::new(s)
+                .map_err(|_| ApiError::Unauthenticated("device header is not a valid device id"));
+        }
+        Auth::Certificate {
+            allowlist,
+            registry,
+        } => (allowlist, registry),
+    };
+    let peer = peer.ok_or(ApiError::Unauthenticated("no client certificate"))?;
+    let fp = &peer.fingerprint;
+    let cn = peer.common_name.as_deref();
+    registry.seen(fp, cn, peer.addr);
+    let list = allowlist.current();
+    let refuse = |why: String| {
+        tracing::info!(peer = %peer, "refused: {why}");
+        Err(ApiError::NotAllowed(why))
+    };
+    let Some(entry) = list.get(fp) else {
+        return refuse(format!(
+            "device certificate {fp} (CN {}) is not on the allowlist; the operator lists it \
+             with `blackbox-server devices pending` and allows it with \
+             `blackbox-server devices allow {fp}`",
+            cn.unwrap_or("-")
+        ));
+    };
+    let Some(device) = cn.and_then(|c| DeviceId::new(c).ok()) else {
+        return refuse(format!(
+            "certificate {fp} has no subject CN usable as a device id (1-64 of [A-Za-z0-9._:-])"
+        ));
+    };
+    if let Some(name) = &entry.name {
+        if *name != device {
+            return refuse(format!(
+                "certificate {fp} is allowlisted as device {name}, but it names itself {device}"
+            ));
+        }
+    } else if let Some(other) = list.named(&device) {
+        return refuse(format!(
+            "device id {device} is allowlisted for another certificate ({other})"
+        ));
+    }
+    if let Some(other) = registry.holder_of(&device, fp, &list) {
+        return refuse(format!(
+            "device id {device} is already written by the allowlisted certificate {other}; \
+             revoke that one first if this device has a new key"
+        ));
+    }
+    Ok(device)
 }
 
 async fn post_chunk(
     State(st): State<AppState>,
+    peer: Option<Extension<PeerCert>>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let device = authenticate(&headers)?;
+    let device = authenticate(&st.auth, &headers, peer.as_ref().map(|p| &p.0))?;
     let max = st.cfg.max_body;
     if let Some(len) = headers
         .get(header::CONTENT_LENGTH)

@@ -51,6 +51,56 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// The files of a TLS server: made by `blackbox-server tls init`, plus an allowlist.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub allowlist: PathBuf,
+}
+
+impl TlsFiles {
+    /// Runs `blackbox-server tls init` in `dir` and creates an empty allowlist.
+    pub fn init(dir: &Path) -> Self {
+        let out = Command::new(bin("blackbox-server"))
+            .args(["tls", "init", "--dir"])
+            .arg(dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "tls init: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let allowlist = dir.join("allowlist");
+        std::fs::write(&allowlist, "# device certificates allowed to write\n").unwrap();
+        Self {
+            ca: dir.join("ca.pem"),
+            cert: dir.join("server.pem"),
+            key: dir.join("server.key"),
+            allowlist,
+        }
+    }
+
+    /// Runs `blackbox-server devices ARGS… --allowlist …` and returns its stdout.
+    pub fn devices(&self, args: &[&str]) -> String {
+        let out = Command::new(bin("blackbox-server"))
+            .arg("devices")
+            .args(args)
+            .arg("--allowlist")
+            .arg(&self.allowlist)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "devices {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+}
+
 /// A `blackbox-server serve` process.
 pub struct Server {
     pub port: u16,
@@ -58,25 +108,68 @@ pub struct Server {
     pub extra: Vec<String>,
     pub env: Vec<(String, String)>,
     pub log: PathBuf,
+    pub tls: Option<TlsFiles>,
     child: Option<Child>,
 }
 
 impl Server {
+    /// A server in development mode (`--insecure-http`, device named by a header).
     pub fn start(store: &str, env: Vec<(String, String)>, extra: &[&str], log_dir: &Path) -> Self {
+        let mut extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        extra.push("--insecure-http".into());
+        Self::spawn(store, env, extra, None, log_dir)
+    }
+
+    /// A server with TLS and an allowlist (`TlsFiles::init` in `dir`).
+    pub fn start_tls(store: &str, extra: &[&str], dir: &Path) -> Self {
+        let files = TlsFiles::init(&dir.join("tls"));
+        let mut args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        for (flag, path) in [
+            ("--tls-cert", &files.cert),
+            ("--tls-key", &files.key),
+            ("--allowlist", &files.allowlist),
+        ] {
+            args.push(flag.into());
+            args.push(path.display().to_string());
+        }
+        Self::spawn(store, vec![], args, Some(files), dir)
+    }
+
+    fn spawn(
+        store: &str,
+        env: Vec<(String, String)>,
+        extra: Vec<String>,
+        tls: Option<TlsFiles>,
+        log_dir: &Path,
+    ) -> Self {
         let mut s = Self {
             port: free_port(),
             store: store.to_owned(),
-            extra: extra.iter().map(|s| s.to_string()).collect(),
+            extra,
             env,
             log: log_dir.join(format!("server-{}.log", free_port())),
+            tls,
             child: None,
         };
         s.restart();
         s
     }
 
+    /// The URL agents use.
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        match self.tls {
+            Some(_) => format!("https://127.0.0.1:{}", self.port),
+            None => format!("http://127.0.0.1:{}", self.port),
+        }
+    }
+
+    /// The TLS files (panics for a development-mode server).
+    pub fn tls(&self) -> &TlsFiles {
+        self.tls.as_ref().expect("a TLS server")
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     /// (Re)starts the process on the same port and store, and waits until it answers.
@@ -108,9 +201,16 @@ impl Server {
             .expect("spawning blackbox-server");
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
+        // A TLS port answers plain HTTP with a 400 of its own: that says it is up, too.
+        let ready = if self.tls.is_some() { 400 } else { 200 };
+        let plain = format!("http://127.0.0.1:{}/healthz", self.port);
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build()
+            .into();
         while Instant::now() < deadline {
-            if let Ok(r) = ureq::get(&format!("{}/healthz", self.url())).call()
-                && r.status() == 200
+            if let Ok(r) = agent.get(&plain).call()
+                && r.status() == ready
             {
                 return;
             }

@@ -4,3 +4,4 @@
 
 pub mod harness;
 pub mod s3;
+pub mod tlsclient;

@@ -4,11 +4,11 @@
 
 use std::time::{Duration, Instant};
 
-use blackbox_protocol::{BootId, Chunk, DeviceId, Limits, Origin, Record, SyncPoint};
 use blackbox_tests::harness::{
     Agent, KmsgFile, Server, list_store, read_store, seqs_by_device, wait_until,
 };
 use blackbox_tests::s3::Weed;
+use blackbox_tests::tlsclient::chunk;
 
 /// N unique lines come out of the store exactly once and in order, across an agent `kill -9`,
 /// a server `kill -9` and a server that stays down for a while.
@@ -90,32 +90,6 @@ fn exactly_once_through_restarts_local_dir() {
 fn exactly_once_through_restarts_s3() {
     let weed = Weed::start().expect("SeaweedFS (run `cargo xtask test`, which installs it)");
     exactly_once_through_restarts(&weed.store_url("exactly-once"), weed.env());
-}
-
-fn chunk(device: &str, first: u64, n: u64) -> Vec<u8> {
-    let records = (first..first + n)
-        .map(|s| Record {
-            seq: s,
-            mono_us: s * 10,
-            level: 6,
-            facility: 1,
-            origin: Origin::Kmsg,
-            msg: format!("m{s}").into_bytes(),
-        })
-        .collect();
-    let sync = SyncPoint {
-        mono_us: 0,
-        wall_us: 1_795_269_785_000_000,
-        synced: true,
-    };
-    let c = Chunk::new(
-        DeviceId::new(device).unwrap(),
-        BootId([9; 16]),
-        sync,
-        records,
-    )
-    .unwrap();
-    c.encode(6, &Limits::DEFAULT).unwrap()
 }
 
 fn post(url: &str, device: &str, body: &[u8]) -> Result<u16, String> {

@@ -1,8 +1,11 @@
 //! `cargo xtask run`: blackbox on this machine, nothing to configure.
 //!
-//! Builds `blackbox-server` and `blackbox-agent` (release), starts the server storing into
-//! `./blackbox-data`, waits until it answers `GET /healthz`, starts the agent reading
-//! `/dev/kmsg`, and supervises both until Ctrl-C. Then it stops the agent first (so its last
+//! Builds `blackbox-server` and `blackbox-agent` (release) and goes through the same steps an
+//! operator does, with real mutual TLS: makes the server's certificate once
+//! (`blackbox-server tls init` into `./blackbox-data/tls`), starts the server storing into
+//! `./blackbox-data`, waits until its port answers, makes the agent's identity
+//! (`blackbox-agent identity`), puts its fingerprint on the allowlist (`blackbox-server devices
+//! allow`), starts the agent reading `/dev/kmsg`, and supervises both until Ctrl-C. Then it stops the agent first (so its last
 //! upload still reaches the server) and the server second (so it writes its last segment),
 //! each with SIGTERM and, after a grace period, SIGKILL.
 //!
@@ -33,8 +36,8 @@ const POLL: Duration = Duration::from_millis(100);
 
 #[derive(clap::Args)]
 pub(crate) struct RunArgs {
-    /// Address the server listens on (use 0.0.0.0:8080 to accept devices on the network).
-    #[arg(long, default_value = "127.0.0.1:8080")]
+    /// Address the server listens on (use 0.0.0.0:8443 to accept devices on the network).
+    #[arg(long, default_value = "127.0.0.1:8443")]
     listen: SocketAddr,
     /// Where segments go: a directory (relative to the workspace root) or s3://bucket/prefix
     /// (configured by the AWS_* environment variables).
@@ -89,12 +92,35 @@ pub(crate) fn run(args: RunArgs) -> Result<()> {
             .context("installing the Ctrl-C handler")?;
     }
 
+    // The server's certificate, made once and kept with the data.
+    let tls = store.base_dir(&root).join("tls");
+    let allowlist = tls.join("allowlist");
+    if !tls.join("server.pem").exists() {
+        let mut init = Command::new(bin.join("blackbox-server"));
+        init.args(["tls", "init", "--dir"]).arg(&tls);
+        println!("==> making the server certificate: {}", show(&init));
+        run_cmd(&mut init).context("blackbox-server tls init failed")?;
+    }
+    if !allowlist.exists() {
+        std::fs::write(
+            &allowlist,
+            "# Device certificates allowed to write: `blackbox-agent identity` prints a line.\n",
+        )
+        .with_context(|| format!("creating {}", allowlist.display()))?;
+    }
+
     let mut cmd = Command::new(bin.join("blackbox-server"));
     cmd.arg("serve")
         .arg("--listen")
         .arg(args.listen.to_string())
         .arg("--store")
-        .arg(&store.arg);
+        .arg(&store.arg)
+        .arg("--tls-cert")
+        .arg(tls.join("server.pem"))
+        .arg("--tls-key")
+        .arg(tls.join("server.key"))
+        .arg("--allowlist")
+        .arg(&allowlist);
     let mut server = Proc::spawn("blackbox-server", cmd)?;
     wait_healthy(health_addr, &mut server, &stop)?;
 
@@ -102,10 +128,13 @@ pub(crate) fn run(args: RunArgs) -> Result<()> {
     if !args.server_only {
         let state_dir = store.agent_state_dir(&root);
         let device_id = args.device_id.clone().unwrap_or_else(host_name);
+        allow_agent(&bin, &state_dir, &device_id, &allowlist)?;
         let mut cmd = Command::new(bin.join("blackbox-agent"));
         cmd.arg("run")
             .arg("--server")
-            .arg(format!("http://{health_addr}"))
+            .arg(format!("https://{health_addr}"))
+            .arg("--server-ca")
+            .arg(tls.join("ca.pem"))
             .arg("--state-dir")
             .arg(&state_dir)
             .arg("--kmsg")
@@ -122,8 +151,17 @@ pub(crate) fn run(args: RunArgs) -> Result<()> {
         print_summary(&args, &store, &root, &device_id, &state_dir);
     } else {
         println!(
-            "==> blackbox-server is running on http://{}; Ctrl-C stops it.",
+            "==> blackbox-server is running on https://{}; Ctrl-C stops it.",
             args.listen
+        );
+        println!(
+            "    Agents need --server-ca {} and their fingerprint on {}:",
+            tls.join("ca.pem").display(),
+            allowlist.display()
+        );
+        println!(
+            "        target/release/blackbox-server devices pending --allowlist {}",
+            allowlist.display()
         );
         print_where(&store, &root, args.interval);
     }
@@ -173,12 +211,17 @@ impl StoreArg {
         }
     }
 
-    /// The agent keeps its state next to the data, or in `./blackbox-data` for a remote store.
-    fn agent_state_dir(&self, root: &Path) -> PathBuf {
+    /// Local files (TLS, agent state) live next to the data, or in `./blackbox-data` for a
+    /// remote store.
+    fn base_dir(&self, root: &Path) -> PathBuf {
         match &self.dir {
-            Some(dir) => dir.join("agent-state"),
-            None => root.join("blackbox-data").join("agent-state"),
+            Some(dir) => dir.clone(),
+            None => root.join("blackbox-data"),
         }
+    }
+
+    fn agent_state_dir(&self, root: &Path) -> PathBuf {
+        self.base_dir(root).join("agent-state")
     }
 }
 
@@ -193,7 +236,7 @@ fn print_summary(args: &RunArgs, store: &StoreArg, root: &Path, device_id: &str,
     println!();
     println!("==> blackbox is running; Ctrl-C stops both.");
     println!(
-        "    server  http://{}  storing into {}",
+        "    server  https://{}  storing into {}",
         args.listen, store.arg
     );
     println!(
@@ -226,6 +269,53 @@ fn print_where(store: &StoreArg, root: &Path, interval: u64) {
         shown.display()
     );
     println!();
+}
+
+/// Makes the agent's identity (once) and puts its fingerprint on the allowlist, as an operator
+/// would with the line `blackbox-agent identity` prints.
+fn allow_agent(bin: &Path, state_dir: &Path, device_id: &str, allowlist: &Path) -> Result<()> {
+    let mut id = Command::new(bin.join("blackbox-agent"));
+    id.arg("identity")
+        .arg("--state-dir")
+        .arg(state_dir)
+        .arg("--device-id")
+        .arg(device_id);
+    println!("==> the agent's identity: {}", show(&id));
+    let out = id
+        .output()
+        .with_context(|| format!("running {}", show(&id)))?;
+    io::stderr().write_all(&out.stderr)?;
+    if !out.status.success() {
+        bail!("blackbox-agent identity failed");
+    }
+    let line = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let fingerprint = line
+        .split_whitespace()
+        .next()
+        .ok_or_else(|| anyhow!("blackbox-agent identity printed nothing"))?;
+    println!("    {line}");
+    let listed = std::fs::read_to_string(allowlist)
+        .with_context(|| format!("reading {}", allowlist.display()))?;
+    if listed
+        .lines()
+        .any(|l| l.split_whitespace().next() == Some(fingerprint))
+    {
+        println!("    already on the allowlist");
+        return Ok(());
+    }
+    let mut allow = Command::new(bin.join("blackbox-server"));
+    allow
+        .args([
+            "devices",
+            "allow",
+            fingerprint,
+            "--name",
+            device_id,
+            "--allowlist",
+        ])
+        .arg(allowlist);
+    println!("==> allowing it: {}", show(&allow));
+    run_cmd(&mut allow).context("blackbox-server devices allow failed")
 }
 
 /// Fails with advice when the agent could not open `kmsg`.
@@ -268,12 +358,13 @@ fn wait_healthy(addr: SocketAddr, server: &mut Proc, stop: &AtomicBool) -> Resul
         if stop.load(Ordering::Relaxed) {
             bail!("interrupted while waiting for blackbox-server");
         }
-        if let Ok(200) = http_get_status(addr, "/healthz") {
+        // The TLS port answers a plain HTTP request with a 400 of its own: it is up.
+        if let Ok(400) = http_get_status(addr, "/healthz") {
             return Ok(());
         }
         if Instant::now() > deadline {
             bail!(
-                "blackbox-server did not answer GET http://{addr}/healthz within {} s",
+                "blackbox-server did not answer on {addr} within {} s",
                 READY_TIMEOUT.as_secs()
             );
         }
@@ -310,7 +401,20 @@ fn target_dir(root: &Path) -> PathBuf {
 fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
-        .map(|name| name.trim().to_owned())
+        // A device id is 1-64 of [A-Za-z0-9._:-]; the agent maps a host name the same way.
+        .map(|name| {
+            name.trim()
+                .chars()
+                .take(64)
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-') {
+                        c
+                    } else {
+                        '-'
+                    }
+                })
+                .collect::<String>()
+        })
         .filter(|name| !name.is_empty())
         .unwrap_or_else(|| "this-host".to_owned())
 }

@@ -9,6 +9,16 @@
 //! records a PRINTK_PERSIST kernel shows again in /dev/kmsg (those the ring already holds are
 //! skipped, the rest added to the previous boot), and pstore dumps (lines the ring does not hold
 //! are added, origin `pstore`; the files are unlinked once the server acknowledged them).
+//!
+//! The device's identity ([`identity`]) is a key and a self-signed certificate in
+//! `STATE_DIR/identity`, made on first start. With an `https://` server ([`Link::MutualTls`])
+//! the agent presents that certificate: the server admits the device when the certificate's
+//! fingerprint is on its allowlist and takes the device id from its subject CN, so the device
+//! id is the identity's (`--device-id` only names a new identity, or is checked against it).
+//! Plain `http://` ([`Link::PlainHttp`]) is for development: the device names itself in the
+//! `x-blackbox-device` header, and the server accepts that only with `--insecure-http`, on
+//! loopback.
+pub mod identity;
 pub mod pstore_files;
 pub mod ringbuf;
 pub mod source;
@@ -26,16 +36,95 @@ use blackbox_protocol::{BootId, DeviceId, Origin, Record, SyncPoint};
 use crate::kmsg::KmsgRecord;
 use crate::ring::{Ring, RingConfig};
 use crate::schedule::Schedule;
+use identity::{Identity, Obtained};
 use ringbuf::RingBuffer;
 use source::Event;
 use sys::{Mapping, RingSpec};
-use upload::{Answer, Uploader};
+use upload::{Answer, Scheme, Uploader};
+
+/// How the agent reaches the server and says which device it is.
+#[derive(Debug, Clone)]
+pub enum Link {
+    /// `https://`: mutual TLS; the device is the one `identity`'s certificate names.
+    MutualTls {
+        /// The device's key and certificate.
+        identity: Box<Identity>,
+        /// The CA file the server's certificate is checked against (`None`: the built-in web
+        /// PKI roots).
+        server_ca: Option<PathBuf>,
+        /// The roots read from `server_ca` (or the web PKI roots).
+        roots: ureq::tls::RootCerts,
+    },
+    /// `http://`, for development: the device names itself in the `x-blackbox-device` header.
+    PlainHttp,
+}
+
+/// Settles how to reach `server` and which device this is.
+///
+/// `https://`: loads (or makes) the identity in `state_dir` (`wanted_device` must match an
+/// existing one) and reads `server_ca`. `http://`: the device is `wanted_device` or the host
+/// name, and a note that this is a development mode goes to stderr. Any other scheme, or
+/// `server_ca` with `http://`, is an error.
+pub fn link_for(
+    server: &str,
+    state_dir: &Path,
+    wanted_device: Option<&DeviceId>,
+    server_ca: Option<PathBuf>,
+) -> anyhow::Result<(DeviceId, Link)> {
+    match Scheme::of(server)? {
+        Scheme::Https => {
+            let roots = match &server_ca {
+                Some(p) => upload::load_server_ca(p)?,
+                None => ureq::tls::RootCerts::WebPki,
+            };
+            let (identity, obtained) = Identity::load_or_create(state_dir, wanted_device)?;
+            match obtained {
+                Obtained::Loaded => {}
+                Obtained::Created | Obtained::NewCertificate => eprintln!(
+                    "blackbox-agent: {} device identity in {}; until the server's allowlist \
+                     has this line, uploads are refused (and retried):\n{}",
+                    if obtained == Obtained::Created {
+                        "made a new"
+                    } else {
+                        "made a new certificate for the"
+                    },
+                    identity.dir.display(),
+                    identity.allowlist_line()
+                ),
+            }
+            Ok((
+                identity.device.clone(),
+                Link::MutualTls {
+                    identity: Box::new(identity),
+                    server_ca,
+                    roots,
+                },
+            ))
+        }
+        Scheme::Http => {
+            if let Some(p) = server_ca {
+                anyhow::bail!(
+                    "--server-ca {} is for an https:// server; {server} is plain HTTP",
+                    p.display()
+                );
+            }
+            eprintln!(
+                "blackbox-agent: plain HTTP is a development mode: the server accepts it only \
+                 with --insecure-http, on loopback; use an https:// server (mutual TLS) otherwise"
+            );
+            let device = wanted_device.cloned().unwrap_or_else(default_device_id);
+            Ok((device, Link::PlainHttp))
+        }
+    }
+}
 
 /// Everything `blackbox-agent run` needs.
 #[derive(Debug, Clone)]
 pub struct RunConfig {
     /// Server base URL.
     pub server: String,
+    /// How to reach it (from [`link_for`]).
+    pub link: Link,
     /// State directory (rejected chunks; the default file ring).
     pub state_dir: PathBuf,
     /// Where the ring lives.
@@ -52,7 +141,7 @@ pub struct RunConfig {
     pub interval: Duration,
     /// Random spread around the interval.
     pub jitter: Duration,
-    /// This device's id.
+    /// This device's id (with [`Link::MutualTls`], the identity's).
     pub device: DeviceId,
     /// This boot's id.
     pub boot: BootId,
@@ -173,13 +262,41 @@ struct PstorePending {
 pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
     std::fs::create_dir_all(&cfg.state_dir)
         .with_context(|| format!("creating {}", cfg.state_dir.display()))?;
+    let (uploader, how) = match &cfg.link {
+        Link::MutualTls {
+            identity,
+            server_ca,
+            roots,
+        } => {
+            anyhow::ensure!(
+                identity.device == cfg.device,
+                "device {} is not the identity's ({})",
+                cfg.device,
+                identity.device
+            );
+            (
+                Uploader::mutual_tls(&cfg.server, identity, roots.clone(), cfg.timeout)?,
+                format!(
+                    "mutual TLS as {}, server checked against {}",
+                    identity.fingerprint,
+                    server_ca
+                        .as_ref()
+                        .map_or("the web PKI roots".into(), |p| p.display().to_string())
+                ),
+            )
+        }
+        Link::PlainHttp => (
+            Uploader::plain_http(&cfg.server, &cfg.device, cfg.timeout)?,
+            "plain HTTP, development only".to_owned(),
+        ),
+    };
     let ring = open_ring(&cfg)?;
     let previous = ring.previous_boot();
     let mut buf =
         RingBuffer::new(ring, cfg.device.clone(), cfg.boot, &cfg.state_dir).with_level(cfg.level);
     let resume = buf.ring().resume_after(&cfg.boot);
     eprintln!(
-        "blackbox-agent: device {} boot {}; reading {} after seq {}; {} chunk(s) waiting; uploading to {}",
+        "blackbox-agent: device {} boot {}; reading {} after seq {}; {} chunk(s) waiting; uploading to {} ({how})",
         cfg.device,
         cfg.boot,
         cfg.kmsg.display(),
@@ -190,7 +307,6 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
     let (tx, rx) = mpsc::sync_channel(65_536);
     let _reader = source::spawn(cfg.kmsg.clone(), resume, tx)
         .with_context(|| format!("opening {}", cfg.kmsg.display()))?;
-    let uploader = Uploader::new(&cfg.server, cfg.device.as_str(), cfg.timeout);
     let interval_ms = cfg.interval.as_millis().max(1) as u64;
     let min_backoff = (interval_ms / 16).clamp(1, 1_000);
     let mut sched = Schedule::new(interval_ms, cfg.jitter.as_millis() as u64, min_backoff);
