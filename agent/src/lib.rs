@@ -9,6 +9,9 @@
 //! - [`buffer`]: the [`buffer::LogBuffer`] trait between reading and uploading: records are
 //!   sealed into chunks with a fixed identity and leave only on the server's acknowledgement.
 //! - [`pstore`]: parsing pstore/ramoops dumps (the panic itself, after the reboot).
+//! - [`logline`]: an app's output cut into lines and formatted as `/dev/kmsg` writes.
+//! - [`bucket`]: per-app rate limiting (burst and daily token buckets, counted drops).
+//! - [`syslog`]: parsing one syslog message from `/dev/log` (RFC 3164, RFC 5424).
 //!
 //! The Linux layer (`linux`, behind the `std` feature) maps the ring (`linux::sys`, the only
 //! `unsafe` code), reads kmsg, settles what the previous boot left (ring, PRINTK_PERSIST replay,
@@ -19,11 +22,14 @@
 
 extern crate alloc;
 
+pub mod bucket;
 pub mod buffer;
 pub mod kmsg;
+pub mod logline;
 pub mod pstore;
 pub mod ring;
 pub mod schedule;
+pub mod syslog;
 
 #[cfg(all(feature = "std", target_os = "linux"))]
 pub mod linux;

@@ -27,6 +27,24 @@ enum Cmd {
     /// Print this device's allowlist line (`<fingerprint>  <device id>`), making the identity
     /// (key and self-signed certificate in STATE_DIR/identity) if there is none yet.
     Identity(IdentityArgs),
+    /// Run CMD (or read stdin) and write each line of its output into the kernel log as
+    /// `NAME[PID]: line`, rate-limited per app; exits with CMD's exit status.
+    Logos(LogosArgs),
+}
+
+#[derive(clap::Args)]
+struct LogosArgs {
+    /// The app's name in the log (and in the configuration's [logos.app.NAME]).
+    name: String,
+    /// Where the lines go: /dev/kmsg, or a file or FIFO standing in for it.
+    #[arg(long, default_value = "/dev/kmsg")]
+    kmsg: PathBuf,
+    /// The agent's configuration (per-app limits) [default: /etc/blackbox/agent.toml, if present].
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// The command and its arguments (after `--`); without one, stdin is read.
+    #[arg(last = true)]
+    cmd: Vec<std::ffi::OsString>,
 }
 
 #[derive(clap::Args)]
@@ -107,6 +125,18 @@ fn device_arg(d: Option<&str>) -> anyhow::Result<Option<DeviceId>> {
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
+        Cmd::Logos(a) => {
+            let cfg = match &a.config {
+                Some(p) => linux::config::Config::load(p, true)?,
+                None => linux::config::Config::load(
+                    std::path::Path::new(linux::config::DEFAULT_PATH),
+                    false,
+                )?,
+            };
+            let code = linux::logos::run(&a.name, &a.kmsg, cfg.limits_for(&a.name), &a.cmd)
+                .with_context(|| format!("logos {}", a.name))?;
+            std::process::exit(code);
+        }
         Cmd::Identity(a) => {
             let wanted = device_arg(a.device_id.as_deref())?;
             let (id, obtained) = Identity::load_or_create(&a.state_dir, wanted.as_ref())?;

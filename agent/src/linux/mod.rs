@@ -18,7 +18,9 @@
 //! Plain `http://` ([`Link::PlainHttp`]) is for development: the device names itself in the
 //! `x-blackbox-device` header, and the server accepts that only with `--insecure-http`, on
 //! loopback.
+pub mod config;
 pub mod identity;
+pub mod logos;
 pub mod pstore_files;
 pub mod ringbuf;
 pub mod source;

@@ -1,0 +1,137 @@
+//! The agent's TOML configuration file (default `/etc/blackbox/agent.toml`).
+//!
+//! ```toml
+//! # Limits for every app's lines (logos and syslog tags); each key is optional.
+//! [logos.default]
+//! burst_bytes = 1048576   # the burst bucket: this many bytes ...
+//! burst_secs = 300        # ... refilled over this many seconds
+//! daily_bytes = 5242880   # the long-term bucket
+//! daily_secs = 86400
+//!
+//! # One app (the NAME given to `logos`, or a syslog tag); unset keys come from [logos.default].
+//! [logos.app.dnsmasq]
+//! burst_bytes = 262144
+//! ```
+//!
+//! Both buckets start half full. `*_bytes = 0` mutes an app (every line dropped and counted).
+//! Unknown keys are errors, so a typo does not silently leave a limit at its default.
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::{Context, bail};
+use serde::Deserialize;
+
+use crate::bucket::Limits;
+
+/// Where the agent looks for its configuration when none is given.
+pub const DEFAULT_PATH: &str = "/etc/blackbox/agent.toml";
+
+/// The whole file.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Per-app rate limits.
+    #[serde(default)]
+    pub logos: LogosConfig,
+}
+
+/// `[logos]`: the default limits and per-app overrides.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogosConfig {
+    /// `[logos.default]`.
+    #[serde(default)]
+    pub default: LimitsToml,
+    /// `[logos.app.NAME]`.
+    #[serde(default)]
+    pub app: BTreeMap<String, LimitsToml>,
+}
+
+/// Limits as written in the file; unset keys fall back.
+#[derive(Debug, Default, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsToml {
+    /// Burst bucket size, bytes.
+    pub burst_bytes: Option<u64>,
+    /// Burst bucket refill time, seconds.
+    pub burst_secs: Option<u64>,
+    /// Long-term bucket size, bytes.
+    pub daily_bytes: Option<u64>,
+    /// Long-term bucket refill time, seconds.
+    pub daily_secs: Option<u64>,
+}
+
+impl LimitsToml {
+    fn over(self, base: Limits) -> Limits {
+        let us = |s: u64| s.saturating_mul(1_000_000);
+        Limits {
+            burst_bytes: self.burst_bytes.unwrap_or(base.burst_bytes),
+            burst_period_us: self.burst_secs.map_or(base.burst_period_us, us),
+            daily_bytes: self.daily_bytes.unwrap_or(base.daily_bytes),
+            daily_period_us: self.daily_secs.map_or(base.daily_period_us, us),
+        }
+    }
+
+    fn check(&self, what: &str) -> anyhow::Result<()> {
+        if self.burst_secs == Some(0) || self.daily_secs == Some(0) {
+            bail!("{what}: burst_secs and daily_secs must be at least 1");
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    /// Parses the text of a configuration file.
+    pub fn parse(text: &str) -> anyhow::Result<Self> {
+        let cfg: Self = toml::from_str(text)?;
+        cfg.logos.default.check("[logos.default]")?;
+        for (name, l) in &cfg.logos.app {
+            l.check(&format!("[logos.app.{name}]"))?;
+        }
+        Ok(cfg)
+    }
+
+    /// Reads `path`. A missing file is the default configuration unless `required` (the path
+    /// was given explicitly).
+    pub fn load(path: &Path, required: bool) -> anyhow::Result<Self> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => Self::parse(&text).with_context(|| format!("in {}", path.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => Ok(Self::default()),
+            Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+        }
+    }
+
+    /// The limits of app `name`.
+    pub fn limits_for(&self, name: &str) -> Limits {
+        let base = self.logos.default.over(Limits::DEFAULT);
+        match self.logos.app.get(name) {
+            Some(l) => l.over(base),
+            None => base,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn defaults_overrides_and_errors() {
+        let c = Config::parse(
+            "[logos.default]\nburst_bytes = 1000\n[logos.app.dnsmasq]\ndaily_secs = 60\n",
+        )
+        .unwrap();
+        let d = c.limits_for("other");
+        assert_eq!(d.burst_bytes, 1000);
+        assert_eq!(d.daily_bytes, Limits::DEFAULT.daily_bytes);
+        let a = c.limits_for("dnsmasq");
+        assert_eq!(a.burst_bytes, 1000);
+        assert_eq!(a.daily_period_us, 60_000_000);
+        assert_eq!(Config::parse("").unwrap().limits_for("x"), Limits::DEFAULT);
+        assert!(Config::parse("[logos.default]\nburst_byte = 1\n").is_err());
+        assert!(Config::parse("[logos.app.x]\nburst_secs = 0\n").is_err());
+        assert!(Config::load(Path::new("/nonexistent/agent.toml"), false).is_ok());
+        assert!(Config::load(Path::new("/nonexistent/agent.toml"), true).is_err());
+    }
+}
