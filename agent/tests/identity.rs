@@ -508,17 +508,22 @@ fn tls_setup() -> (ServerPki, tempfile::TempDir, std::path::PathBuf, Identity) {
     (pki, tmp, ca, id)
 }
 
+/// A mutual-TLS uploader for the test server at `addr`, trusting the CA in `ca`.
+fn uploader(addr: impl std::fmt::Display, id: &Identity, ca: &std::path::Path) -> Uploader {
+    Uploader::mutual_tls(
+        &format!("https://{addr}"),
+        id,
+        upload::load_server_ca(ca).unwrap(),
+        Duration::from_secs(10),
+    )
+    .unwrap()
+}
+
 #[test]
 fn mutual_tls_upload_presents_the_device_certificate() {
     let (pki, _tmp, ca, id) = tls_setup();
     let (addr, server) = serve_once(&pki, &id.cert_der, "201 Created", "{}");
-    let up = Uploader::mutual_tls(
-        &format!("https://{addr}/"),
-        &id,
-        upload::load_server_ca(&ca).unwrap(),
-        Duration::from_secs(10),
-    )
-    .unwrap();
+    let up = uploader(format!("{addr}/"), &id, &ca); // a trailing slash in --server is fine
     let answer = up.send(b"chunk bytes");
     let seen = server.join().unwrap().unwrap();
     assert_eq!(answer, Answer::Acked { duplicate: false });
@@ -536,13 +541,7 @@ fn device_not_on_the_allowlist_is_retried_with_a_hint() {
     let (stranger, _) =
         Identity::load_or_create(&tmp.path().join("stranger"), Some(&dev("stranger"))).unwrap();
     let (addr, server) = serve_once(&pki, &stranger.cert_der, "201 Created", "{}");
-    let up = Uploader::mutual_tls(
-        &format!("https://{addr}"),
-        &id,
-        upload::load_server_ca(&ca).unwrap(),
-        Duration::from_secs(10),
-    )
-    .unwrap();
+    let up = uploader(addr, &id, &ca);
     let answer = up.send(b"x");
     assert!(server.join().unwrap().is_err());
     match answer {
@@ -560,13 +559,7 @@ fn device_not_on_the_allowlist_is_retried_with_a_hint() {
         "403 Forbidden",
         r#"{"error":"device sha256:00 is not on the allowlist"}"#,
     );
-    let up = Uploader::mutual_tls(
-        &format!("https://{addr}"),
-        &id,
-        upload::load_server_ca(&ca).unwrap(),
-        Duration::from_secs(10),
-    )
-    .unwrap();
+    let up = uploader(addr, &id, &ca);
     let answer = up.send(b"x");
     server.join().unwrap().unwrap();
     match answer {
