@@ -91,9 +91,14 @@ struct RunArgs {
     #[arg(long, default_value = "/run/systemd/timesync/synchronized")]
     synced_flag: PathBuf,
     /// Where the ring lives: `mem:ADDRESS:SIZE` (reserved physical memory through /dev/mem,
-    /// e.g. mem:0x1e000000:1M) or `file:PATH:SIZE` (default: file:STATE_DIR/ring:16M).
+    /// e.g. mem:0x1e000000:1M) or `file:PATH:SIZE` (default: the --board's region, else
+    /// file:STATE_DIR/ring:16M).
     #[arg(long)]
     ring: Option<RingSpec>,
+    /// The board (see board-support/): its reserved region holds the ring. One of
+    /// qemu-x86_64, qemu-aarch64-virt, qemu-armv7-virt, qemu-mipsel-malta.
+    #[arg(long, value_parser = parse_board)]
+    board: Option<&'static blackbox_board::Board>,
     /// Percent of the ring kept from the start of an outage when it overflows (the rest keeps
     /// the newest records; a gap record counts exactly what was dropped in between).
     #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u8).range(0..=100))]
@@ -111,6 +116,13 @@ struct RunArgs {
     /// Request timeout, seconds.
     #[arg(long, default_value_t = 30.0)]
     timeout: f64,
+}
+
+fn parse_board(name: &str) -> Result<&'static blackbox_board::Board, String> {
+    blackbox_board::board(name).ok_or_else(|| {
+        let known: Vec<&str> = blackbox_board::BOARDS.iter().map(|b| b.name).collect();
+        format!("unknown board {name:?}; known boards: {}", known.join(", "))
+    })
 }
 
 fn secs(s: f64, what: &str) -> anyhow::Result<Duration> {
@@ -176,10 +188,17 @@ fn main() -> anyhow::Result<()> {
                 None => linux::boot_id()?,
             };
             let interval = secs(a.interval, "interval")?;
-            let ring = a.ring.unwrap_or_else(|| RingSpec::File {
-                path: a.state_dir.join("ring"),
-                len: 16 << 20,
-            });
+            let ring = match (a.ring, a.board) {
+                (Some(ring), _) => ring,
+                (None, Some(b)) => RingSpec::Mem {
+                    addr: b.ring.addr,
+                    len: usize::try_from(b.ring.size).context("the board's ring is too large")?,
+                },
+                (None, None) => RingSpec::File {
+                    path: a.state_dir.join("ring"),
+                    len: 16 << 20,
+                },
+            };
             linux::run(RunConfig {
                 server: a.server,
                 link,
