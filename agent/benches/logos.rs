@@ -11,15 +11,27 @@
 //!   to the real /dev/kmsg costs what the kernel's printk path costs on top; it is not measured
 //!   here, to keep benchmarks from filling the host's kernel log.
 //!
+//! - `syslog_message`: one syslog datagram's handling in the listener (parse, the tag's token
+//!   buckets, formatting, one `write()` to /dev/null), without the socket.
+//! - `syslog_socket`: the whole listener: datagrams sent to its Unix socket from another
+//!   thread, received, handled and written to /dev/null; timed until the listener has counted
+//!   every message (a Unix datagram sender blocks when the receiver falls behind, so none is
+//!   lost).
+//!
 //! Throughput is reported in lines/s and in bytes/s of app output; CPU per line is the inverse
 //! of lines/s (one core). `cargo bench -p blackbox-agent --bench logos`.
 
 use std::hint::black_box;
+use std::os::unix::net::UnixDatagram;
 use std::path::Path;
 use std::sync::Mutex;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 use blackbox_agent::bucket::{Admit, AppLimiter, Limits};
+use blackbox_agent::linux::config::Config;
 use blackbox_agent::linux::logos::{App, KmsgWriter, pump};
+use blackbox_agent::linux::syslogd::{self, Sink, SocketSpec};
 use blackbox_agent::logline::{
     KMSG_MAX, KmsgHeader, LineSplitter, Piece, parse_level, write_kmsg_lines,
 };
@@ -95,6 +107,69 @@ fn benches() {
         });
         g.finish();
     }
+
+    // Syslog: each corpus line as the datagram glibc's syslog(3) would send.
+    let messages: Vec<Vec<u8>> = corpus::corpus_lines()
+        .iter()
+        .map(|l| {
+            let mut m = b"<30>Nov 21 10:00:00 app[4242]: ".to_vec();
+            m.extend_from_slice(l.as_ref());
+            m
+        })
+        .collect();
+    let n = messages.len() as u64;
+    let bytes: u64 = messages.iter().map(|m| m.len() as u64).sum();
+    let unlimited = || {
+        Config::parse("[logos.default]\nburst_bytes = 4611686018427387903\ndaily_bytes = 4611686018427387903\n")
+            .unwrap_or_default()
+    };
+    let dir = std::env::temp_dir().join(format!("blackbox-bench-syslog-{}", std::process::id()));
+    let _ = std::fs::create_dir_all(&dir);
+    let spec = SocketSpec::Dgram(dir.join("log"));
+    let listener = syslogd::bind(std::slice::from_ref(&spec))
+        .and_then(|b| Ok((b, KmsgWriter::open(Path::new("/dev/null"))?)))
+        .and_then(|(b, w)| syslogd::start(b, Sink::new(w, unlimited())));
+    let sender = UnixDatagram::unbound();
+    for (unit, tp) in [
+        ("lines", Throughput::Elements(n)),
+        ("bytes", Throughput::Bytes(bytes)),
+    ] {
+        let mut g = c.benchmark_group(format!("syslog_{unit}"));
+        g.throughput(tp);
+        g.bench_function("message", |b| {
+            let Ok(w) = KmsgWriter::open(Path::new("/dev/null")) else {
+                return;
+            };
+            let mut sink = Sink::new(w, unlimited());
+            b.iter(|| {
+                for m in &messages {
+                    black_box(sink.message(m).is_ok());
+                }
+            })
+        });
+        if let (Ok(l), Ok(tx)) = (&listener, &sender) {
+            g.bench_function("socket", |b| {
+                b.iter_custom(|iters| {
+                    let start = Instant::now();
+                    for _ in 0..iters {
+                        let target = l.stats.messages.load(Ordering::Relaxed) + n;
+                        for m in &messages {
+                            let _ = tx.send_to(m, spec.path());
+                        }
+                        let deadline = Instant::now() + Duration::from_secs(30);
+                        while l.stats.messages.load(Ordering::Relaxed) < target
+                            && Instant::now() < deadline
+                        {
+                            std::thread::sleep(Duration::from_micros(200));
+                        }
+                    }
+                    start.elapsed()
+                })
+            });
+        }
+        g.finish();
+    }
+    let _ = std::fs::remove_dir_all(&dir);
     c.final_summary();
 }
 

@@ -17,7 +17,9 @@
 //! `unsafe` code), reads kmsg, settles what the previous boot left (ring, PRINTK_PERSIST replay,
 //! pstore), keeps the device's identity (`linux::identity`: a key pair and a self-signed
 //! certificate whose CN is the device id), uploads over HTTPS with that certificate (mutual
-//! TLS, `linux::upload`), and runs the loop.
+//! TLS, `linux::upload`), and runs the loop. It also feeds the stream: `linux::logos` writes an
+//! app's output into `/dev/kmsg`, `linux::syslogd` what programs send to `/dev/log`, both
+//! through per-app token buckets.
 #![cfg_attr(not(any(test, feature = "std")), no_std)]
 
 extern crate alloc;

@@ -3,7 +3,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
+use blackbox_agent::linux::config::Config;
 use blackbox_agent::linux::identity::{self, Identity, Obtained};
+use blackbox_agent::linux::syslogd::{self, SocketSpec};
 use blackbox_agent::linux::{self, RunConfig, sys::RingSpec};
 use blackbox_agent::ring::RingConfig;
 use blackbox_protocol::{BootId, DeviceId};
@@ -30,6 +32,22 @@ enum Cmd {
     /// Run CMD (or read stdin) and write each line of its output into the kernel log as
     /// `NAME[PID]: line`, rate-limited per app; exits with CMD's exit status.
     Logos(LogosArgs),
+    /// Listen for syslog messages (what `run` does besides its main work) and write them into
+    /// the kernel log, rate-limited per tag; until killed.
+    Syslog(SyslogArgs),
+}
+
+#[derive(clap::Args)]
+struct SyslogArgs {
+    /// Socket to listen on: PATH or dgram:PATH (datagram), stream:PATH; repeatable.
+    #[arg(long = "socket", default_value = "/dev/log")]
+    sockets: Vec<SocketSpec>,
+    /// Where the messages go: /dev/kmsg, or a file or FIFO standing in for it.
+    #[arg(long, default_value = "/dev/kmsg")]
+    kmsg: PathBuf,
+    /// The agent's configuration (per-tag limits) [default: /etc/blackbox/agent.toml, if present].
+    #[arg(long)]
+    config: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -60,23 +78,29 @@ struct IdentityArgs {
 
 #[derive(clap::Args)]
 struct RunArgs {
+    /// The agent's configuration: its [run] table gives defaults for the flags below, its
+    /// [logos] tables the per-tag syslog limits [default: /etc/blackbox/agent.toml, if present].
+    #[arg(long)]
+    config: Option<PathBuf>,
     /// Server base URL: https://HOST[:PORT] (mutual TLS with the device identity), or
     /// http://127.0.0.1:PORT for development (the server must run with --insecure-http).
+    /// Required here or as [run] server.
     #[arg(long)]
-    server: String,
+    server: Option<String>,
     /// PEM file with the CA certificate(s) the server's certificate must chain to (default:
     /// the built-in web PKI roots). https:// only.
     #[arg(long)]
     server_ca: Option<PathBuf>,
     /// State directory (device identity, rejected chunks, the default file ring).
-    #[arg(long, default_value = "/var/lib/blackbox")]
-    state_dir: PathBuf,
+    /// [default: /var/lib/blackbox]
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
     /// The log stream: /dev/kmsg, or a file/FIFO in kmsg format.
     #[arg(long, default_value = "/dev/kmsg")]
     kmsg: PathBuf,
-    /// Seconds between uploads.
-    #[arg(long, default_value_t = 60.0)]
-    interval: f64,
+    /// Seconds between uploads [default: 60].
+    #[arg(long)]
+    interval: Option<f64>,
     /// Random spread around the interval, in seconds (default: a twelfth of the interval).
     #[arg(long)]
     jitter: Option<f64>,
@@ -97,8 +121,16 @@ struct RunArgs {
     ring: Option<RingSpec>,
     /// The board (see board-support/): its reserved region holds the ring. One of
     /// qemu-x86_64, qemu-aarch64-virt, qemu-armv7-virt, qemu-mipsel-malta.
-    #[arg(long, value_parser = parse_board)]
-    board: Option<&'static blackbox_board::Board>,
+    #[arg(long)]
+    board: Option<String>,
+    /// Syslog socket to listen on: PATH or dgram:PATH (datagram, what syslog(3) and busybox
+    /// logger use), stream:PATH; repeatable; `none` for no listener. Default: /dev/log when
+    /// --kmsg is /dev/kmsg, else none.
+    #[arg(long = "syslog-socket")]
+    syslog_sockets: Vec<String>,
+    /// Where syslog messages are written: /dev/kmsg, or a stand-in file or FIFO.
+    #[arg(long, default_value = "/dev/kmsg")]
+    syslog_kmsg: PathBuf,
     /// Percent of the ring kept from the start of an outage when it overflows (the rest keeps
     /// the newest records; a gap record counts exactly what was dropped in between).
     #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u8).range(0..=100))]
@@ -135,16 +167,72 @@ fn device_arg(d: Option<&str>) -> anyhow::Result<Option<DeviceId>> {
         .transpose()
 }
 
+/// The configuration at `path`, or the default file's if it exists.
+fn load_config(path: Option<&std::path::Path>) -> anyhow::Result<Config> {
+    match path {
+        Some(p) => Config::load(p, true),
+        None => Config::load(std::path::Path::new(linux::config::DEFAULT_PATH), false),
+    }
+}
+
+/// The syslog sockets: the flags, else the configuration's, else /dev/log for the real kmsg.
+fn syslog_sockets(
+    flags: &[String],
+    config: Option<&[String]>,
+    kmsg: &std::path::Path,
+) -> anyhow::Result<Vec<SocketSpec>> {
+    let default = [syslogd::DEFAULT_SOCKET.to_owned()];
+    let specs: &[String] = if !flags.is_empty() {
+        flags
+    } else if let Some(c) = config {
+        c
+    } else if kmsg == std::path::Path::new("/dev/kmsg") {
+        &default
+    } else {
+        &[]
+    };
+    specs
+        .iter()
+        .filter(|s| s.as_str() != "none")
+        .map(|s| {
+            s.parse()
+                .map_err(|e: String| anyhow::anyhow!("--syslog-socket {e}"))
+        })
+        .collect()
+}
+
+/// Blocks until SIGTERM or SIGINT arrives.
+fn wait_for_termination() -> anyhow::Result<()> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])
+        .context("installing the SIGTERM handler")?;
+    signals.forever().next();
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
+        Cmd::Syslog(a) => {
+            let cfg = load_config(a.config.as_deref())?;
+            let l = syslogd::listen(&a.sockets, &a.kmsg, cfg)?;
+            let socks: Vec<String> = a.sockets.iter().map(|s| s.to_string()).collect();
+            eprintln!(
+                "blackbox-agent: syslog: listening on {}, writing to {}",
+                socks.join(", "),
+                a.kmsg.display()
+            );
+            // The listener's threads do the work; this one waits for SIGTERM or SIGINT and
+            // reports drops not reported yet before leaving.
+            wait_for_termination()?;
+            l.sink
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .finish()
+                .context("writing the last drop reports")?;
+            Ok(())
+        }
         Cmd::Logos(a) => {
-            let cfg = match &a.config {
-                Some(p) => linux::config::Config::load(p, true)?,
-                None => linux::config::Config::load(
-                    std::path::Path::new(linux::config::DEFAULT_PATH),
-                    false,
-                )?,
-            };
+            let cfg = load_config(a.config.as_deref())?;
             let code = linux::logos::run(&a.name, &a.kmsg, cfg.limits_for(&a.name), &a.cmd)
                 .with_context(|| format!("logos {}", a.name))?;
             std::process::exit(code);
@@ -180,27 +268,44 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::Run(a) => {
             let a = *a;
-            let wanted = device_arg(a.device_id.as_deref())?;
-            let (device, link) =
-                linux::link_for(&a.server, &a.state_dir, wanted.as_ref(), a.server_ca)?;
+            let config = load_config(a.config.as_deref())?;
+            let r = &config.run;
+            let server = a.server.or_else(|| r.server.clone()).context(
+                "no server: give --server URL, or set `server` in the [run] table of the \
+                 configuration",
+            )?;
+            let state_dir = a
+                .state_dir
+                .or_else(|| r.state_dir.clone())
+                .unwrap_or_else(|| "/var/lib/blackbox".into());
+            let server_ca = a.server_ca.or_else(|| r.server_ca.clone());
+            let board = a
+                .board
+                .or_else(|| r.board.clone())
+                .map(|b| parse_board(&b).map_err(anyhow::Error::msg))
+                .transpose()?;
+            let device_id = a.device_id.or_else(|| r.device_id.clone());
+            let syslog = syslog_sockets(&a.syslog_sockets, r.syslog.as_deref(), &a.kmsg)?;
+            let wanted = device_arg(device_id.as_deref())?;
+            let (device, link) = linux::link_for(&server, &state_dir, wanted.as_ref(), server_ca)?;
             let boot = match a.boot_id {
                 Some(b) => BootId::parse(&b).context("--boot-id is not a UUID")?,
                 None => linux::boot_id()?,
             };
-            let interval = secs(a.interval, "interval")?;
-            let ring = match (a.ring, a.board) {
+            let interval = secs(a.interval.or(r.interval).unwrap_or(60.0), "interval")?;
+            let ring = match (a.ring, board) {
                 (Some(ring), _) => ring,
                 (None, Some(b)) => RingSpec::Mem {
                     addr: b.ring.addr,
                     len: usize::try_from(b.ring.size).context("the board's ring is too large")?,
                 },
                 (None, None) => RingSpec::File {
-                    path: a.state_dir.join("ring"),
+                    path: state_dir.join("ring"),
                     len: 16 << 20,
                 },
             };
             linux::run(RunConfig {
-                server: a.server,
+                server,
                 link,
                 ring,
                 ring_cfg: RingConfig {
@@ -209,7 +314,7 @@ fn main() -> anyhow::Result<()> {
                 },
                 pstore_dir: a.pstore_dir,
                 level: a.level,
-                state_dir: a.state_dir,
+                state_dir,
                 kmsg: a.kmsg,
                 interval,
                 jitter: a.jitter.map_or(Ok(interval / 12), |j| secs(j, "jitter"))?,
@@ -217,6 +322,9 @@ fn main() -> anyhow::Result<()> {
                 boot,
                 synced_flag: a.synced_flag,
                 timeout: secs(a.timeout, "timeout")?,
+                syslog,
+                syslog_kmsg: a.syslog_kmsg,
+                config,
             })
         }
     }

@@ -6,6 +6,9 @@ use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
+mod common;
+use common::records;
+
 const BIN: &str = env!("CARGO_BIN_EXE_blackbox-agent");
 
 fn logos(
@@ -38,17 +41,6 @@ fn logos(
         w.write_all(input).unwrap();
     }
     child.wait_with_output().unwrap()
-}
-
-/// The records in the stand-in, as (PRI, text after the PRI).
-fn records(kmsg: &Path) -> Vec<(u8, String)> {
-    let text = std::fs::read_to_string(kmsg).unwrap();
-    text.lines()
-        .map(|l| {
-            let (pri, rest) = l.strip_prefix('<').unwrap().split_once('>').unwrap();
-            (pri.parse().unwrap(), rest.to_owned())
-        })
-        .collect()
 }
 
 fn new_kmsg(dir: &Path) -> std::path::PathBuf {
@@ -284,4 +276,40 @@ fn kernel_rate_limit_on_writers_is_lifted() {
     std::fs::write(&sysctl, "off\n").unwrap();
     assert_eq!(lift_devkmsg_ratelimit(&sysctl), None);
     assert_eq!(std::fs::read_to_string(&sysctl).unwrap(), "off\n");
+}
+
+#[test]
+fn sigterm_is_passed_on_and_the_last_lines_still_written() {
+    let tmp = tempfile::tempdir().unwrap();
+    let k = new_kmsg(tmp.path());
+    let mut child = Command::new(BIN)
+        .arg("logos")
+        .arg("svc")
+        .arg("--kmsg")
+        .arg(&k)
+        .args(["--config", "/dev/null", "--"])
+        .args([
+            "sh",
+            "-c",
+            "trap 'echo stopping on TERM; exit 3' TERM; echo ready; while :; do sleep 0.05; done",
+        ])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !std::fs::read_to_string(&k).unwrap().contains("ready") {
+        assert!(std::time::Instant::now() < deadline, "no `ready` line");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // SIGTERM to logos only, as an init system stops a service.
+    let st = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(3), "the command's own exit status");
+    let texts: Vec<String> = records(&k).into_iter().map(|(_, t)| t).collect();
+    assert_eq!(texts.len(), 2, "{texts:?}");
+    assert!(texts[1].ends_with("]: stopping on TERM"), "{texts:?}");
 }

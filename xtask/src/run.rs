@@ -147,8 +147,27 @@ pub(crate) fn run(args: RunArgs) -> Result<()> {
             // upload and unlink it. On a device the default (/sys/fs/pstore) applies.
             .arg("--pstore-dir")
             .arg(state_dir.join("pstore"));
+        // Syslog: not the workstation's /dev/log (journald or rsyslogd own it) but a socket of
+        // our own, and only when the agent reads and may write the real kernel log.
+        let syslog = state_dir.join("log.sock");
+        let kmsg_writable = kmsg == Path::new("/dev/kmsg")
+            && std::fs::OpenOptions::new()
+                .append(true)
+                .open("/dev/kmsg")
+                .is_ok();
+        if kmsg_writable {
+            cmd.arg("--syslog-socket").arg(&syslog);
+        } else {
+            cmd.args(["--syslog-socket", "none"]);
+        }
         agent = Some(Proc::spawn("blackbox-agent", cmd)?);
         print_summary(&args, &store, &root, &device_id, &state_dir);
+        if kmsg_writable {
+            println!(
+                "    syslog  `logger -u {} -t myapp hello` goes into the kernel log, then the store",
+                syslog.display()
+            );
+        }
     } else {
         println!(
             "==> blackbox-server is running on https://{}; Ctrl-C stops it.",

@@ -16,10 +16,13 @@ pub(crate) fn run() -> Result<()> {
     announce(
         1,
         "install-test-deps",
-        "SeaweedFS (the S3 server the end-to-end tests start) and DuckDB",
+        "SeaweedFS (the S3 server the end-to-end tests start), DuckDB, busybox",
     );
     let weed = tools::ensure_weed().context("step `install-test-deps` failed")?;
     let python = tools::ensure_duckdb().context("step `install-test-deps` failed")?;
+    // The syslog test's senders: busybox `logger` and util-linux `logger`.
+    tools::ensure_debian_packages(&[("busybox", "busybox-static"), ("logger", "bsdutils")])
+        .context("step `install-test-deps` failed")?;
 
     step(
         2,

@@ -1,6 +1,15 @@
 //! The agent's TOML configuration file (default `/etc/blackbox/agent.toml`).
 //!
 //! ```toml
+//! # `blackbox-agent run` (command-line flags win over these).
+//! [run]
+//! server = "https://blackbox.example.net:8443"
+//! server_ca = "/etc/blackbox/server-ca.pem"
+//! board = "qemu-x86_64"            # the ring in the board's reserved memory
+//! state_dir = "/var/lib/blackbox"
+//! interval = 60                    # seconds between uploads
+//! syslog = ["/dev/log"]            # sockets to listen on ([] for none; "stream:PATH" too)
+//!
 //! # Limits for every app's lines (logos and syslog tags); each key is optional.
 //! [logos.default]
 //! burst_bytes = 1048576   # the burst bucket: this many bytes ...
@@ -16,7 +25,7 @@
 //! Both buckets start half full. `*_bytes = 0` mutes an app (every line dropped and counted).
 //! Unknown keys are errors, so a typo does not silently leave a limit at its default.
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use serde::Deserialize;
@@ -30,9 +39,32 @@ pub const DEFAULT_PATH: &str = "/etc/blackbox/agent.toml";
 #[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
+    /// Settings of `blackbox-agent run`.
+    #[serde(default)]
+    pub run: RunToml,
     /// Per-app rate limits.
     #[serde(default)]
     pub logos: LogosConfig,
+}
+
+/// `[run]`: defaults for `blackbox-agent run`'s flags of the same names.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunToml {
+    /// `--server`.
+    pub server: Option<String>,
+    /// `--server-ca`.
+    pub server_ca: Option<PathBuf>,
+    /// `--board`.
+    pub board: Option<String>,
+    /// `--state-dir`.
+    pub state_dir: Option<PathBuf>,
+    /// `--device-id`.
+    pub device_id: Option<String>,
+    /// `--interval`, seconds.
+    pub interval: Option<f64>,
+    /// `--syslog-socket`, each; an empty list turns the listener off.
+    pub syslog: Option<Vec<String>>,
 }
 
 /// `[logos]`: the default limits and per-app overrides.
@@ -131,6 +163,12 @@ mod tests {
         assert_eq!(Config::parse("").unwrap().limits_for("x"), Limits::DEFAULT);
         assert!(Config::parse("[logos.default]\nburst_byte = 1\n").is_err());
         assert!(Config::parse("[logos.app.x]\nburst_secs = 0\n").is_err());
+        let r =
+            Config::parse("[run]\nserver = \"https://h:1\"\nsyslog = []\ninterval = 5\n").unwrap();
+        assert_eq!(r.run.server.as_deref(), Some("https://h:1"));
+        assert_eq!(r.run.syslog, Some(vec![]));
+        assert_eq!(r.run.interval, Some(5.0));
+        assert!(Config::parse("[run]\nservr = \"x\"\n").is_err());
         assert!(Config::load(Path::new("/nonexistent/agent.toml"), false).is_ok());
         assert!(Config::load(Path::new("/nonexistent/agent.toml"), true).is_err());
     }

@@ -137,41 +137,64 @@ impl App {
         }
     }
 
-    fn write(&mut self, level: u8, piece: Piece, text: &[u8]) -> io::Result<()> {
+    /// Admits (or drops and counts) one piece of a line and writes it.
+    pub fn line(&mut self, level: u8, piece: Piece, text: &[u8]) -> io::Result<()> {
         let header = KmsgHeader {
             level,
             facility: LOG_USER,
             name: self.name.as_bytes(),
             pid: self.pid,
         };
-        self.out.write_line(&header, piece, text)
-    }
-
-    /// Admits (or drops and counts) one piece of a line and writes it.
-    pub fn line(&mut self, level: u8, piece: Piece, text: &[u8]) -> io::Result<()> {
-        match self.limiter.admit(mono_us(), text.len()) {
-            Admit::Drop => Ok(()),
-            Admit::Admit => self.write(level, piece, text),
-            Admit::AdmitAfterDrops(report) => {
-                self.report(&report)?;
-                self.write(level, piece, text)
-            }
-        }
-    }
-
-    fn report(&mut self, r: &DropReport) -> io::Result<()> {
-        let mut text = String::new();
-        let _ = r.format(&mut text);
-        self.write(REPORT_LEVEL, Piece::Whole, text.as_bytes())
+        admit_and_write(&mut self.limiter, &mut self.out, &header, piece, text)
     }
 
     /// Reports drops not reported yet (at the end of the app's output).
     pub fn finish(&mut self) -> io::Result<()> {
-        match self.limiter.take_pending_report() {
-            Some(r) => self.report(&r),
-            None => Ok(()),
+        let Some(r) = self.limiter.take_pending_report() else {
+            return Ok(());
+        };
+        let header = KmsgHeader {
+            level: REPORT_LEVEL,
+            facility: LOG_USER,
+            name: self.name.as_bytes(),
+            pid: self.pid,
+        };
+        write_report(&mut self.out, &header, &r)
+    }
+}
+
+/// Admits one piece of a line through `limiter` and writes it to `out` with `header`; a due
+/// drop report goes first. A refused piece is dropped (and counted by the limiter).
+pub fn admit_and_write(
+    limiter: &mut AppLimiter,
+    out: &mut KmsgWriter,
+    header: &KmsgHeader<'_>,
+    piece: Piece,
+    text: &[u8],
+) -> io::Result<()> {
+    match limiter.admit(mono_us(), text.len()) {
+        Admit::Drop => Ok(()),
+        Admit::Admit => out.write_line(header, piece, text),
+        Admit::AdmitAfterDrops(report) => {
+            let report_header = KmsgHeader {
+                level: REPORT_LEVEL,
+                ..*header
+            };
+            write_report(out, &report_header, &report)?;
+            out.write_line(header, piece, text)
         }
     }
+}
+
+/// Writes a drop report as one line with `header`.
+pub fn write_report(
+    out: &mut KmsgWriter,
+    header: &KmsgHeader<'_>,
+    r: &DropReport,
+) -> io::Result<()> {
+    let mut text = String::new();
+    let _ = r.format(&mut text);
+    out.write_line(header, Piece::Whole, text.as_bytes())
 }
 
 /// Reads `input` to its end, splitting lines and handing them to the shared app.
@@ -208,6 +231,36 @@ pub fn pump(mut input: impl Read, app: &Mutex<App>) -> io::Result<()> {
     err
 }
 
+/// Passes SIGTERM and SIGHUP on to the command (so `kill logos`, as an init system stops a
+/// service, stops the command, and logos still writes its last lines and passes its exit
+/// status on). SIGINT is caught and not passed on: a terminal's Ctrl-C reaches the command
+/// directly, and logos stays to write what the command prints on its way out.
+fn forward_signals(pid: u32) -> anyhow::Result<signal_hook::iterator::Handle> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGHUP, SIGINT])
+        .context("installing signal handlers")?;
+    let handle = signals.handle();
+    let pid = i32::try_from(pid)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+        .context("the command's pid is out of range")?;
+    std::thread::Builder::new()
+        .name("logos-signals".into())
+        .spawn(move || {
+            for sig in signals.forever() {
+                let sig = match sig {
+                    SIGTERM => rustix::process::Signal::TERM,
+                    SIGHUP => rustix::process::Signal::HUP,
+                    _ => continue,
+                };
+                // The command may have exited already: nothing to do then.
+                let _ = rustix::process::kill_process(pid, sig);
+            }
+        })
+        .context("starting the signal thread")?;
+    Ok(handle)
+}
+
 /// Runs `logos`: returns the exit code to leave with.
 pub fn run(name: &str, kmsg: &Path, limits: Limits, cmd: &[OsString]) -> anyhow::Result<i32> {
     let out = KmsgWriter::open(kmsg)?;
@@ -227,6 +280,7 @@ pub fn run(name: &str, kmsg: &Path, limits: Limits, cmd: &[OsString]) -> anyhow:
         .stderr(Stdio::piped())
         .spawn()
         .with_context(|| format!("starting {}", prog.to_string_lossy()))?;
+    let forwarder = forward_signals(child.id())?;
     let app = Arc::new(Mutex::new(App::new(name, Some(child.id()), limits, out)));
     let stdout = child.stdout.take();
     let stderr = child.stderr.take();
@@ -242,6 +296,8 @@ pub fn run(name: &str, kmsg: &Path, limits: Limits, cmd: &[OsString]) -> anyhow:
     let r2 = err_thread
         .join()
         .unwrap_or_else(|_| Err(io::Error::other("stderr reader panicked")));
+    // Stop forwarding before the child is reaped: until then its pid cannot be reused.
+    forwarder.close();
     let status = child.wait().context("waiting for the command")?;
     let r3 = app.lock().unwrap_or_else(|p| p.into_inner()).finish();
     // The command's status is what the caller asked for, even if writing its lines failed:

@@ -25,6 +25,7 @@ pub mod pstore_files;
 pub mod ringbuf;
 pub mod source;
 pub mod sys;
+pub mod syslogd;
 pub mod upload;
 
 use std::collections::HashSet;
@@ -151,6 +152,12 @@ pub struct RunConfig {
     pub synced_flag: PathBuf,
     /// Request timeout.
     pub timeout: Duration,
+    /// Syslog sockets to listen on (none: no listener).
+    pub syslog: Vec<syslogd::SocketSpec>,
+    /// Where syslog messages are written: /dev/kmsg, or a stand-in.
+    pub syslog_kmsg: PathBuf,
+    /// The configuration file's contents (per-tag limits).
+    pub config: config::Config,
 }
 
 /// The machine's boot id.
@@ -291,6 +298,19 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
             Uploader::plain_http(&cfg.server, &cfg.device, cfg.timeout)?,
             "plain HTTP, development only".to_owned(),
         ),
+    };
+    let _syslog = if cfg.syslog.is_empty() {
+        None
+    } else {
+        let l = syslogd::listen(&cfg.syslog, &cfg.syslog_kmsg, cfg.config.clone())
+            .context("starting the syslog listener")?;
+        let socks: Vec<String> = cfg.syslog.iter().map(|s| s.to_string()).collect();
+        eprintln!(
+            "blackbox-agent: syslog: listening on {}, writing to {}",
+            socks.join(", "),
+            cfg.syslog_kmsg.display()
+        );
+        Some(l)
     };
     let ring = open_ring(&cfg)?;
     let previous = ring.previous_boot();
