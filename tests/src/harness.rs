@@ -331,6 +331,17 @@ impl Agent {
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+
+    /// Sends SIGTERM (as init does at shutdown) and waits for the agent to exit.
+    pub fn terminate(&mut self) -> Option<std::process::ExitStatus> {
+        let mut c = self.child.take()?;
+        let st = Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status()
+            .ok()?;
+        assert!(st.success(), "kill -TERM failed");
+        c.wait().ok()
+    }
 }
 
 impl Drop for Agent {

@@ -379,3 +379,47 @@ fn stored_segments_read_with_zcat_and_duckdb() {
         "[(300, 300, 0, 299, 1, 'TIMESTAMP WITH TIME ZONE')]"
     );
 }
+
+/// SIGTERM (a shutdown, a service stop) makes the agent upload what is waiting, the open block
+/// included, before it exits: the lines of the last minutes before a reboot reach the server
+/// without waiting for the next boot.
+#[test]
+fn sigterm_uploads_what_is_waiting_then_exits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = format!("file://{}", tmp.path().join("store").display());
+    let _server = Server::start(&store, vec![], &["--segment-max-age-ms", "100"], tmp.path());
+    let mut kmsg = KmsgFile::new(tmp.path().join("kmsg"));
+    // The first upload comes at a random point of an interval of 11 days: not during this test.
+    let mut agent = Agent::start(
+        &_server.url(),
+        &tmp.path().join("state"),
+        &kmsg.path,
+        "dev-t",
+        &["--interval", "1000000"],
+    );
+    kmsg.append(300, "app");
+    assert!(
+        wait_until(Duration::from_secs(10), || agent
+            .log_text()
+            .contains("reading")),
+        "agent did not start:\n{}",
+        agent.log_text()
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        read_store(&store, &[]).is_empty(),
+        "uploaded before the stop"
+    );
+    let status = agent.terminate().unwrap();
+    assert!(status.success(), "{status}; log:\n{}", agent.log_text());
+    let seqs = seqs_by_device(&read_store(&store, &[]))
+        .remove("dev-t")
+        .unwrap_or_default();
+    assert_eq!(
+        seqs,
+        (0..300).collect::<Vec<u64>>(),
+        "log:\n{}",
+        agent.log_text()
+    );
+    assert!(agent.log_text().contains("stopping: uploading"));
+}

@@ -30,6 +30,8 @@ pub mod upload;
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
@@ -337,8 +339,19 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
     let mut held: Option<Vec<Event>> = Some(Vec::new());
     let mut pstore: Option<PstorePending> = None;
     let mut dropped_reported = 0u64;
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(sig, Arc::clone(&stop))
+            .context("installing the SIGTERM handler")?;
+    }
     loop {
-        let wait = next_upload.saturating_duration_since(Instant::now());
+        if stop.load(Ordering::Relaxed) {
+            return stop_gracefully(&mut buf, &uploader, &cfg, held.is_none());
+        }
+        // Wake at least every 250 ms to see a stop request.
+        let wait = next_upload
+            .saturating_duration_since(Instant::now())
+            .min(Duration::from_millis(250));
         match rx.recv_timeout(wait) {
             Ok(ev) => {
                 let mut batch = vec![ev];
@@ -397,6 +410,41 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
             next_upload = Instant::now() + Duration::from_millis(delay);
         }
     }
+}
+
+/// On SIGTERM (a shutdown or a service stop): one last upload of what is waiting, the open
+/// block included, within a few seconds (init sends SIGKILL soon after), then the ring is
+/// flushed. Nothing depends on it: what is not acknowledged stays in the ring (and what is not
+/// in the ring yet is read from kmsg again) at the next start.
+fn stop_gracefully(
+    buf: &mut RingBuffer<Mapping>,
+    uploader: &Uploader,
+    cfg: &RunConfig,
+    settled: bool,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + cfg.timeout.min(Duration::from_secs(5));
+    if settled {
+        eprintln!(
+            "blackbox-agent: stopping: uploading the {} chunk(s) waiting",
+            buf.unacked_chunks()
+        );
+        while Instant::now() < deadline {
+            if upload_all(buf, uploader)?.is_some() {
+                break;
+            }
+            if !buf.seal_if_idle(sync_point(&cfg.synced_flag)) {
+                break;
+            }
+        }
+    }
+    if let Err(e) = buf.ring_mut().backing_mut().flush() {
+        eprintln!("blackbox-agent: ring flush: {e}");
+    }
+    eprintln!(
+        "blackbox-agent: stopped; {} chunk(s) left in the ring for the next start",
+        buf.unacked_chunks()
+    );
+    Ok(())
 }
 
 /// Why records named by a kmsg sequence jump are missing.
