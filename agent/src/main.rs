@@ -176,29 +176,32 @@ fn load_config(path: Option<&std::path::Path>) -> anyhow::Result<Config> {
 }
 
 /// The syslog sockets: the flags, else the configuration's, else /dev/log for the real kmsg.
+/// The second value says whether they were asked for (flags or configuration) rather than
+/// the default: only then is a socket that cannot be had an error that stops the agent.
 fn syslog_sockets(
     flags: &[String],
     config: Option<&[String]>,
     kmsg: &std::path::Path,
-) -> anyhow::Result<Vec<SocketSpec>> {
+) -> anyhow::Result<(Vec<SocketSpec>, bool)> {
     let default = [syslogd::DEFAULT_SOCKET.to_owned()];
-    let specs: &[String] = if !flags.is_empty() {
-        flags
+    let (specs, asked): (&[String], bool) = if !flags.is_empty() {
+        (flags, true)
     } else if let Some(c) = config {
-        c
+        (c, true)
     } else if kmsg == std::path::Path::new("/dev/kmsg") {
-        &default
+        (&default, false)
     } else {
-        &[]
+        (&[], false)
     };
-    specs
+    let specs = specs
         .iter()
         .filter(|s| s.as_str() != "none")
         .map(|s| {
             s.parse()
                 .map_err(|e: String| anyhow::anyhow!("--syslog-socket {e}"))
         })
-        .collect()
+        .collect::<anyhow::Result<_>>()?;
+    Ok((specs, asked))
 }
 
 /// Blocks until SIGTERM or SIGINT arrives.
@@ -285,7 +288,8 @@ fn main() -> anyhow::Result<()> {
                 .map(|b| parse_board(&b).map_err(anyhow::Error::msg))
                 .transpose()?;
             let device_id = a.device_id.or_else(|| r.device_id.clone());
-            let syslog = syslog_sockets(&a.syslog_sockets, r.syslog.as_deref(), &a.kmsg)?;
+            let (syslog, syslog_required) =
+                syslog_sockets(&a.syslog_sockets, r.syslog.as_deref(), &a.kmsg)?;
             let wanted = device_arg(device_id.as_deref())?;
             let (device, link) = linux::link_for(&server, &state_dir, wanted.as_ref(), server_ca)?;
             let boot = match a.boot_id {
@@ -323,9 +327,38 @@ fn main() -> anyhow::Result<()> {
                 synced_flag: a.synced_flag,
                 timeout: secs(a.timeout, "timeout")?,
                 syslog,
+                syslog_required,
                 syslog_kmsg: a.syslog_kmsg,
                 config,
             })
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use std::path::Path;
+
+    #[test]
+    fn syslog_sockets_flags_then_config_then_the_default_for_the_real_kmsg() {
+        let kmsg = Path::new("/dev/kmsg");
+        let (s, asked) = syslog_sockets(&[], None, kmsg).unwrap();
+        assert_eq!(
+            (s, asked),
+            (vec![SocketSpec::Dgram("/dev/log".into())], false)
+        );
+        let (s, asked) = syslog_sockets(&[], None, Path::new("/tmp/kmsg")).unwrap();
+        assert!(s.is_empty() && !asked);
+        let cfg = ["stream:/run/log".to_owned()];
+        let (s, asked) = syslog_sockets(&[], Some(&cfg), kmsg).unwrap();
+        assert_eq!(
+            (s, asked),
+            (vec![SocketSpec::Stream("/run/log".into())], true)
+        );
+        let (s, asked) = syslog_sockets(&["none".into()], Some(&cfg), kmsg).unwrap();
+        assert!(s.is_empty() && asked);
+        assert!(syslog_sockets(&["stream:".into()], None, kmsg).is_err());
     }
 }

@@ -435,3 +435,32 @@ fn run_listens_too() {
     child.wait().unwrap();
     assert_eq!(records(&kmsg_out)[0], (pri(3, 3), "app[3]: via run".into()));
 }
+
+#[test]
+fn run_stops_when_the_socket_it_was_given_is_taken() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("log");
+    let _syslogd = UnixDatagram::bind(&sock).unwrap();
+    std::fs::write(dir.path().join("kmsg"), b"").unwrap();
+    let out = Command::new(BIN)
+        .arg("run")
+        .args([
+            "--server",
+            "http://127.0.0.1:9",
+            "--device-id",
+            "t",
+            "--config",
+        ])
+        .arg("/dev/null")
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .arg("--kmsg")
+        .arg(dir.path().join("kmsg"))
+        .arg("--syslog-socket")
+        .arg(&sock)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("already listens on"), "{err}");
+}

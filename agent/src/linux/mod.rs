@@ -156,6 +156,10 @@ pub struct RunConfig {
     pub timeout: Duration,
     /// Syslog sockets to listen on (none: no listener).
     pub syslog: Vec<syslogd::SocketSpec>,
+    /// Whether the sockets were asked for: then failing to listen stops the agent; for the
+    /// default (/dev/log) it is a warning and the agent runs without a listener, so a device
+    /// whose syslogd owns /dev/log still has its kernel log kept and uploaded.
+    pub syslog_required: bool,
     /// Where syslog messages are written: /dev/kmsg, or a stand-in.
     pub syslog_kmsg: PathBuf,
     /// The configuration file's contents (per-tag limits).
@@ -304,15 +308,26 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
     let _syslog = if cfg.syslog.is_empty() {
         None
     } else {
-        let l = syslogd::listen(&cfg.syslog, &cfg.syslog_kmsg, cfg.config.clone())
-            .context("starting the syslog listener")?;
         let socks: Vec<String> = cfg.syslog.iter().map(|s| s.to_string()).collect();
-        eprintln!(
-            "blackbox-agent: syslog: listening on {}, writing to {}",
-            socks.join(", "),
-            cfg.syslog_kmsg.display()
-        );
-        Some(l)
+        match syslogd::listen(&cfg.syslog, &cfg.syslog_kmsg, cfg.config.clone()) {
+            Ok(l) => {
+                eprintln!(
+                    "blackbox-agent: syslog: listening on {}, writing to {}",
+                    socks.join(", "),
+                    cfg.syslog_kmsg.display()
+                );
+                Some(l)
+            }
+            Err(e) if !cfg.syslog_required => {
+                eprintln!(
+                    "blackbox-agent: syslog: NOT listening ({e:#}); running without the \
+                     syslog listener (set --syslog-socket, or `syslog` in [run], to make this \
+                     an error, or `none` to silence it)"
+                );
+                None
+            }
+            Err(e) => return Err(e.context("starting the syslog listener")),
+        }
     };
     let ring = open_ring(&cfg)?;
     let previous = ring.previous_boot();
