@@ -394,6 +394,22 @@ fn a_running_syslogd_is_not_displaced_and_a_stale_socket_is_replaced() {
     assert_eq!(std::fs::read(&file).unwrap(), b"precious");
 }
 
+/// `blackbox-agent run` against a server that is not there, reading `kmsg` (a stand-in), with
+/// its syslog listener on `sock`.
+fn run_with_syslog(dir: &Path, kmsg: &Path, sock: &Path) -> Command {
+    let mut c = Command::new(BIN);
+    c.arg("run")
+        .args(["--server", "http://127.0.0.1:9", "--device-id", "t"])
+        .args(["--config", "/dev/null"])
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        .arg("--kmsg")
+        .arg(kmsg)
+        .arg("--syslog-socket")
+        .arg(sock);
+    c
+}
+
 #[test]
 fn run_listens_too() {
     let dir = tempfile::tempdir().unwrap();
@@ -401,22 +417,7 @@ fn run_listens_too() {
     std::fs::write(&kmsg_in, b"6,1,1000,-;boot\n").unwrap();
     std::fs::write(&kmsg_out, b"").unwrap();
     let sock = dir.path().join("log");
-    let mut child = Command::new(BIN)
-        .arg("run")
-        .args([
-            "--server",
-            "http://127.0.0.1:9",
-            "--device-id",
-            "t",
-            "--config",
-        ])
-        .arg("/dev/null")
-        .arg("--state-dir")
-        .arg(dir.path().join("state"))
-        .arg("--kmsg")
-        .arg(&kmsg_in)
-        .arg("--syslog-socket")
-        .arg(&sock)
+    let mut child = run_with_syslog(dir.path(), &kmsg_in, &sock)
         .arg("--syslog-kmsg")
         .arg(&kmsg_out)
         .stderr(Stdio::null())
@@ -441,25 +442,9 @@ fn run_stops_when_the_socket_it_was_given_is_taken() {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("log");
     let _syslogd = UnixDatagram::bind(&sock).unwrap();
-    std::fs::write(dir.path().join("kmsg"), b"").unwrap();
-    let out = Command::new(BIN)
-        .arg("run")
-        .args([
-            "--server",
-            "http://127.0.0.1:9",
-            "--device-id",
-            "t",
-            "--config",
-        ])
-        .arg("/dev/null")
-        .arg("--state-dir")
-        .arg(dir.path().join("state"))
-        .arg("--kmsg")
-        .arg(dir.path().join("kmsg"))
-        .arg("--syslog-socket")
-        .arg(&sock)
-        .output()
-        .unwrap();
+    let kmsg = dir.path().join("kmsg");
+    std::fs::write(&kmsg, b"").unwrap();
+    let out = run_with_syslog(dir.path(), &kmsg, &sock).output().unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("already listens on"), "{err}");
