@@ -1,8 +1,10 @@
 //! The Linux layer: read the log stream, keep it in the persistent ring, upload on schedule.
 //!
 //! One reader thread follows kmsg and sends records over a bounded channel; the main thread
-//! appends them to the ring and uploads the oldest unacknowledged chunk first until none is
-//! left or a send fails.
+//! appends them to the ring and hands the oldest unacknowledged chunk to an upload thread, one
+//! at a time, until none is left or a send fails. Appending never waits for the network: a
+//! request that hangs until its timeout (the network just went away) does not keep records
+//! out of the ring, where a panic would still find them.
 //!
 //! At start-up, before anything of the current boot is stored, the agent settles what the
 //! previous boot left: the ring's unacknowledged blocks (uploaded under that boot's id),
@@ -33,8 +35,9 @@ use std::sync::mpsc::{self, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use blackbox_protocol::{BootId, DeviceId, Origin, Record, SyncPoint};
+use blackbox_protocol::{BootId, ChunkId, DeviceId, Origin, Record, SyncPoint};
 
+use crate::buffer::{LogBuffer, Sealed};
 use crate::kmsg::KmsgRecord;
 use crate::ring::{Ring, RingConfig};
 use crate::schedule::Schedule;
@@ -317,8 +320,12 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
     let mut held: Option<Vec<Event>> = Some(Vec::new());
     let mut pstore: Option<PstorePending> = None;
     let mut dropped_reported = 0u64;
+    let mut sender = Sender::spawn(uploader)?;
     loop {
-        let wait = next_upload.saturating_duration_since(Instant::now());
+        let mut wait = next_upload.saturating_duration_since(Instant::now());
+        if sender.in_flight.is_some() {
+            wait = wait.min(ANSWER_POLL);
+        }
         match rx.recv_timeout(wait) {
             Ok(ev) => {
                 let mut batch = vec![ev];
@@ -346,19 +353,30 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => anyhow::bail!("log reader stopped"),
         }
-        if Instant::now() >= next_upload {
-            buf.seal_if_idle(sync_point(&cfg.synced_flag));
-            let delay = match upload_all(&mut buf, &uploader)? {
-                None => sched.after_success(random_u32()),
-                Some(after) => {
+        if let Some((id, answer)) = sender.answer() {
+            match answer {
+                Answer::Acked { duplicate } => {
+                    buf.ack(&id)?;
+                    if duplicate {
+                        eprintln!("blackbox-agent: chunk {id} was already stored");
+                    }
+                    // The next chunk goes at once.
+                    next_upload = Instant::now();
+                }
+                Answer::Retry { after, why } => {
+                    eprintln!("blackbox-agent: upload of {id} failed: {why}");
                     let d = sched.after_failure(after.map(|a| a.as_millis() as u64), random_u32());
                     eprintln!(
                         "blackbox-agent: retrying in {d} ms ({} chunk(s) waiting)",
                         buf.unacked_chunks()
                     );
-                    d
+                    next_upload = Instant::now() + Duration::from_millis(d);
                 }
-            };
+                Answer::Rejected { why } => {
+                    buf.reject(&id, &why)?;
+                    next_upload = Instant::now();
+                }
+            }
             if let Err(e) = buf.ring_mut().backing_mut().flush() {
                 eprintln!("blackbox-agent: ring flush: {e}");
             }
@@ -374,8 +392,68 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
                 );
                 pstore = None;
             }
-            next_upload = Instant::now() + Duration::from_millis(delay);
         }
+        if sender.in_flight.is_none() && Instant::now() >= next_upload {
+            buf.seal_if_idle(sync_point(&cfg.synced_flag));
+            match buf.next_unacked()? {
+                Some(chunk) => sender.send(chunk)?,
+                None => {
+                    next_upload =
+                        Instant::now() + Duration::from_millis(sched.after_success(random_u32()));
+                }
+            }
+        }
+    }
+}
+
+/// How often the main loop looks for the server's answer while a chunk is on its way.
+const ANSWER_POLL: Duration = Duration::from_millis(50);
+
+/// Sends chunks on a thread of its own, one at a time. A request can hang for the whole
+/// `--timeout` (a network that went away answers nothing); meanwhile the main loop goes on
+/// reading the log into the ring, so a panic during the outage still finds every record there.
+struct Sender {
+    jobs: mpsc::Sender<Sealed>,
+    answers: mpsc::Receiver<(ChunkId, Answer)>,
+    /// The chunk on its way, if any.
+    in_flight: Option<ChunkId>,
+}
+
+impl Sender {
+    fn spawn(uploader: Uploader) -> anyhow::Result<Self> {
+        let (jobs, job_rx) = mpsc::channel::<Sealed>();
+        let (answer_tx, answers) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("upload".into())
+            .spawn(move || {
+                for chunk in job_rx {
+                    let answer = uploader.send(&chunk.bytes);
+                    if answer_tx.send((chunk.id, answer)).is_err() {
+                        break;
+                    }
+                }
+            })
+            .context("starting the upload thread")?;
+        Ok(Self {
+            jobs,
+            answers,
+            in_flight: None,
+        })
+    }
+
+    fn send(&mut self, chunk: Sealed) -> anyhow::Result<()> {
+        self.in_flight = Some(chunk.id.clone());
+        self.jobs
+            .send(chunk)
+            .map_err(|_| anyhow::anyhow!("the upload thread stopped"))
+    }
+
+    /// The answer for the chunk in flight, once it is there.
+    fn answer(&mut self) -> Option<(ChunkId, Answer)> {
+        self.in_flight.as_ref()?;
+        let a = self.answers.try_recv().ok()?;
+        self.in_flight = None;
+        Some(a)
     }
 }
 
@@ -660,28 +738,4 @@ fn collect_pstore(
     );
     let upto = buf.ring().resume_after(&boot).unwrap_or(0);
     Ok(Some(PstorePending { boot, upto, files }))
-}
-
-/// Uploads until nothing sealed is left (`Ok(None)`) or a send fails (`Ok(Some(retry_after))`).
-fn upload_all(
-    buf: &mut RingBuffer<Mapping>,
-    up: &Uploader,
-) -> anyhow::Result<Option<Option<Duration>>> {
-    use crate::buffer::LogBuffer;
-    while let Some(chunk) = buf.next_unacked()? {
-        match up.send(&chunk.bytes) {
-            Answer::Acked { duplicate } => {
-                buf.ack(&chunk.id)?;
-                if duplicate {
-                    eprintln!("blackbox-agent: chunk {} was already stored", chunk.id);
-                }
-            }
-            Answer::Retry { after, why } => {
-                eprintln!("blackbox-agent: upload of {} failed: {why}", chunk.id);
-                return Ok(Some(after));
-            }
-            Answer::Rejected { why } => buf.reject(&chunk.id, &why)?,
-        }
-    }
-    Ok(None)
 }
