@@ -165,21 +165,30 @@ mod tests {
 
 /// Where a new boot starts in a stream of kmsg records: a kernel that keeps its log buffer
 /// across reboots (PRINTK_PERSIST) shows the previous boot's records first, then the current
-/// boot's, which begin with the kernel's banner (`Linux version …`, facility kernel, printed
-/// first by every architecture, at a timestamp under a second). Timestamps alone are not
-/// enough: on x86 they restart once more early in every boot, when the TSC is calibrated.
-/// Returns the indices (never 0) of banners after the start of the stream.
+/// boot's, which begin with the kernel's banner (`Linux version …`, facility kernel, at a
+/// timestamp under a second). ARM kernels print a line before it at the same time (`Booting
+/// Linux on physical CPU 0x0`): the boot begins at the first of the kernel records right before
+/// the banner that are no later than the banner. Timestamps alone are not enough: on x86 they
+/// restart once more early in every boot, when the TSC is calibrated.
+/// Returns the indices (never 0) of the records where boots after the start of the stream begin.
 pub fn boot_starts<'a>(
     records: impl IntoIterator<Item = (u8, u64, &'a [u8])>,
 ) -> alloc::vec::Vec<usize> {
-    records
-        .into_iter()
-        .enumerate()
-        .filter(|(i, (facility, usec, msg))| {
-            *i > 0 && *facility == 0 && *usec < 1_000_000 && msg.starts_with(b"Linux version ")
-        })
-        .map(|(i, _)| i)
-        .collect()
+    let records: alloc::vec::Vec<(u8, u64, &[u8])> = records.into_iter().collect();
+    let mut starts = alloc::vec::Vec::new();
+    for (i, &(facility, usec, msg)) in records.iter().enumerate() {
+        if facility != 0 || usec >= 1_000_000 || !msg.starts_with(b"Linux version ") {
+            continue;
+        }
+        let mut start = i;
+        while start > 0 && records[start - 1].0 == 0 && records[start - 1].1 <= usec {
+            start -= 1;
+        }
+        if start > 0 {
+            starts.push(start);
+        }
+    }
+    starts
 }
 
 #[cfg(test)]
@@ -207,5 +216,17 @@ mod boot_tests {
         // A user-space line that looks like the banner is not one.
         let fake = [(0, 0, banner), (1, 10, banner)];
         assert!(boot_starts(fake).is_empty());
+        // ARM: a line before the banner, at the same time, belongs to the same boot.
+        let cpu: &[u8] = b"Booting Linux on physical CPU 0x0000000000 [0x411fd070]";
+        let arm = [(0, 0, cpu), (0, 0, banner), (0, 10, &b"x"[..])];
+        assert!(boot_starts(arm).is_empty());
+        let arm_two = [
+            (0, 0, cpu),
+            (0, 0, banner),
+            (1, 5_000_000, &b"app: hello"[..]),
+            (0, 0, cpu),
+            (0, 0, banner),
+        ];
+        assert_eq!(boot_starts(arm_two), vec![3]);
     }
 }

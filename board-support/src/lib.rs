@@ -230,7 +230,9 @@ pub const QEMU_ARMV7_VIRT: Board = Board {
     qemu: Some(Qemu {
         system: "qemu-system-arm",
         user: "qemu-arm-static",
-        machine: "virt",
+        // The default (highmem=on) puts the PCIe ECAM above 4 GiB, which the armmp kernel (no
+        // LPAE) cannot reach: no PCI, so no virtio NIC.
+        machine: "virt,highmem=off",
         cpu: Some("cortex-a15"),
         ram_mib: 512,
         debian_arch: "armhf",

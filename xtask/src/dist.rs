@@ -97,7 +97,15 @@ pub(crate) fn build(package: &str, bin: &str, target: &str) -> Result<PathBuf> {
     let venv_bin = zigbuild
         .parent()
         .context("cargo-zigbuild has no directory")?;
-    let mut cmd = cargo(["zigbuild"]);
+    let mut cmd = if needs_build_std(target) {
+        // Through rustup's `cargo`, which RUSTUP_TOOLCHAIN=nightly (below) steers: `cargo()`
+        // runs $CARGO, the stable cargo that started xtask, which refuses -Z.
+        let mut cmd = Command::new("cargo");
+        cmd.arg("zigbuild").current_dir(project_root());
+        cmd
+    } else {
+        cargo(["zigbuild"])
+    };
     // cargo-zigbuild is found as a cargo subcommand on PATH; zig as `python -m ziglang`.
     let path = std::env::var_os("PATH").unwrap_or_default();
     let mut paths = vec![venv_bin.to_path_buf()];

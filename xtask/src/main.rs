@@ -6,11 +6,15 @@
 //! - `cargo xtask install-test-deps`: only the SeaweedFS and DuckDB installs; prints the `weed` path.
 //! - `cargo xtask run`: builds the server and the agent and runs both on this machine, storing
 //!   into `./blackbox-data`, until Ctrl-C.
+//! - `cargo xtask qemu --arch ARCH [--panic | --footprint]`: boots the agent on a stock Debian
+//!   kernel in QEMU against a server on this machine and checks what was stored (the boot test).
 //!
 //! Every command is an argument vector (never a shell string) and every path is anchored at
 //! [`project_root`], so the result does not depend on the directory you start from.
 
+mod apt;
 mod dist;
+mod qemu;
 mod run;
 mod test;
 mod tools;
@@ -40,6 +44,9 @@ enum Cmd {
     Dist(DistArgs),
     /// Build and run blackbox-server and blackbox-agent on this machine until Ctrl-C.
     Run(run::RunArgs),
+    /// Boot a QEMU guest (stock Debian kernel, busybox, the agent) and check what the server
+    /// stored; --panic crashes the first boot, --footprint measures the agent's memory.
+    Qemu(qemu::QemuArgs),
 }
 
 #[derive(clap::Args)]
@@ -73,6 +80,7 @@ fn try_main() -> Result<()> {
             Ok(())
         }
         Cmd::Run(args) => run::run(args),
+        Cmd::Qemu(args) => qemu::run(args),
         Cmd::Dist(args) => {
             let targets = if args.targets.is_empty() {
                 dist::AGENT_TARGETS.iter().map(|t| t.to_string()).collect()

@@ -72,55 +72,20 @@ pub(crate) fn run(args: RunArgs) -> Result<()> {
         );
     }
 
-    let mut build = cargo(["build", "--release", "-p", "blackbox-server"]);
+    let mut packages = vec!["blackbox-server"];
     if !args.server_only {
-        build.args(["-p", "blackbox-agent"]);
+        packages.push("blackbox-agent");
     }
-    println!("==> building: {}", show(&build));
-    run_cmd(&mut build).context("building the binaries failed")?;
-    let bin = target_dir(&root).join("release");
+    let bin = build_host(&packages, true)?;
 
     // From here on Ctrl-C (and SIGTERM, SIGHUP) only sets this flag; the loop below stops the
     // children in order.
-    let stop = Arc::new(AtomicBool::new(false));
-    for signal in [
-        signal_hook::consts::SIGINT,
-        signal_hook::consts::SIGTERM,
-        signal_hook::consts::SIGHUP,
-    ] {
-        signal_hook::flag::register(signal, Arc::clone(&stop))
-            .context("installing the Ctrl-C handler")?;
-    }
+    let stop = stop_flag()?;
 
     // The server's certificate, made once and kept with the data.
-    let tls = store.base_dir(&root).join("tls");
-    let allowlist = tls.join("allowlist");
-    if !tls.join("server.pem").exists() {
-        let mut init = Command::new(bin.join("blackbox-server"));
-        init.args(["tls", "init", "--dir"]).arg(&tls);
-        println!("==> making the server certificate: {}", show(&init));
-        run_cmd(&mut init).context("blackbox-server tls init failed")?;
-    }
-    if !allowlist.exists() {
-        std::fs::write(
-            &allowlist,
-            "# Device certificates allowed to write: `blackbox-agent identity` prints a line.\n",
-        )
-        .with_context(|| format!("creating {}", allowlist.display()))?;
-    }
-
-    let mut cmd = Command::new(bin.join("blackbox-server"));
-    cmd.arg("serve")
-        .arg("--listen")
-        .arg(args.listen.to_string())
-        .arg("--store")
-        .arg(&store.arg)
-        .arg("--tls-cert")
-        .arg(tls.join("server.pem"))
-        .arg("--tls-key")
-        .arg(tls.join("server.key"))
-        .arg("--allowlist")
-        .arg(&allowlist);
+    let tls = ServerTls::init(&bin, &store.base_dir(&root).join("tls"))?;
+    let allowlist = tls.allowlist.clone();
+    let cmd = tls.serve(&bin, args.listen, &store.arg);
     let mut server = Proc::spawn("blackbox-server", cmd)?;
     wait_healthy(health_addr, &mut server, &stop)?;
 
@@ -134,7 +99,7 @@ pub(crate) fn run(args: RunArgs) -> Result<()> {
             .arg("--server")
             .arg(format!("https://{health_addr}"))
             .arg("--server-ca")
-            .arg(tls.join("ca.pem"))
+            .arg(&tls.ca)
             .arg("--state-dir")
             .arg(&state_dir)
             .arg("--kmsg")
@@ -175,7 +140,7 @@ pub(crate) fn run(args: RunArgs) -> Result<()> {
         );
         println!(
             "    Agents need --server-ca {} and their fingerprint on {}:",
-            tls.join("ca.pem").display(),
+            tls.ca.display(),
             allowlist.display()
         );
         println!(
@@ -206,6 +171,91 @@ pub(crate) fn run(args: RunArgs) -> Result<()> {
     }
     server.stop();
     result
+}
+
+/// Builds host binaries of `packages` (`release`, or the debug profile the tests build
+/// anyway); returns the directory they are in.
+pub(crate) fn build_host(packages: &[&str], release: bool) -> Result<PathBuf> {
+    let mut build = cargo(["build"]);
+    if release {
+        build.arg("--release");
+    }
+    for p in packages {
+        build.args(["-p", p]);
+    }
+    println!("==> building: {}", show(&build));
+    run_cmd(&mut build).context("building the binaries failed")?;
+    let profile = if release { "release" } else { "debug" };
+    Ok(target_dir(&project_root()).join(profile))
+}
+
+/// A flag that Ctrl-C, SIGTERM and SIGHUP set (instead of ending this process), so the caller
+/// can stop its children in order.
+pub(crate) fn stop_flag() -> Result<Arc<AtomicBool>> {
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGHUP,
+    ] {
+        signal_hook::flag::register(signal, Arc::clone(&stop))
+            .context("installing the Ctrl-C handler")?;
+    }
+    Ok(stop)
+}
+
+/// The server's TLS files in one directory: made once by `blackbox-server tls init` (a CA and a
+/// server certificate for localhost, 127.0.0.1, ::1 and 10.0.2.2), plus an allowlist.
+pub(crate) struct ServerTls {
+    /// The CA certificate agents check the server against (`--server-ca`).
+    pub(crate) ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+    /// The allowlist the server reads.
+    pub(crate) allowlist: PathBuf,
+}
+
+impl ServerTls {
+    /// Makes the files in `dir` unless they are there already.
+    pub(crate) fn init(bin: &Path, dir: &Path) -> Result<Self> {
+        let tls = Self {
+            ca: dir.join("ca.pem"),
+            cert: dir.join("server.pem"),
+            key: dir.join("server.key"),
+            allowlist: dir.join("allowlist"),
+        };
+        if !tls.cert.exists() {
+            let mut init = Command::new(bin.join("blackbox-server"));
+            init.args(["tls", "init", "--dir"]).arg(dir);
+            println!("==> making the server certificate: {}", show(&init));
+            run_cmd(&mut init).context("blackbox-server tls init failed")?;
+        }
+        if !tls.allowlist.exists() {
+            std::fs::write(
+                &tls.allowlist,
+                "# Device certificates allowed to write: `blackbox-agent identity` prints a line.\n",
+            )
+            .with_context(|| format!("creating {}", tls.allowlist.display()))?;
+        }
+        Ok(tls)
+    }
+
+    /// `blackbox-server serve` on `listen`, storing into `store`, with these files.
+    pub(crate) fn serve(&self, bin: &Path, listen: SocketAddr, store: &str) -> Command {
+        let mut cmd = Command::new(bin.join("blackbox-server"));
+        cmd.arg("serve")
+            .arg("--listen")
+            .arg(listen.to_string())
+            .arg("--store")
+            .arg(store)
+            .arg("--tls-cert")
+            .arg(&self.cert)
+            .arg("--tls-key")
+            .arg(&self.key)
+            .arg("--allowlist")
+            .arg(&self.allowlist);
+        cmd
+    }
 }
 
 /// The `--store` argument as the server gets it: an absolute directory, or a URL unchanged.
@@ -292,7 +342,12 @@ fn print_where(store: &StoreArg, root: &Path, interval: u64) {
 
 /// Makes the agent's identity (once) and puts its fingerprint on the allowlist, as an operator
 /// would with the line `blackbox-agent identity` prints.
-fn allow_agent(bin: &Path, state_dir: &Path, device_id: &str, allowlist: &Path) -> Result<()> {
+pub(crate) fn allow_agent(
+    bin: &Path,
+    state_dir: &Path,
+    device_id: &str,
+    allowlist: &Path,
+) -> Result<()> {
     let mut id = Command::new(bin.join("blackbox-agent"));
     id.arg("identity")
         .arg("--state-dir")
@@ -368,7 +423,7 @@ fn loopback_for(listen: SocketAddr) -> SocketAddr {
     }
 }
 
-fn wait_healthy(addr: SocketAddr, server: &mut Proc, stop: &AtomicBool) -> Result<()> {
+pub(crate) fn wait_healthy(addr: SocketAddr, server: &mut Proc, stop: &AtomicBool) -> Result<()> {
     let deadline = Instant::now() + READY_TIMEOUT;
     loop {
         if let Some(status) = server.exited()? {
@@ -410,7 +465,7 @@ fn http_get_status(addr: SocketAddr, path: &str) -> io::Result<u16> {
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "not an HTTP response"))
 }
 
-fn target_dir(root: &Path) -> PathBuf {
+pub(crate) fn target_dir(root: &Path) -> PathBuf {
     match std::env::var_os("CARGO_TARGET_DIR") {
         Some(dir) => root.join(dir),
         None => root.join("target"),
@@ -439,14 +494,14 @@ fn host_name() -> String {
 }
 
 /// A child process that is stopped (SIGTERM, then SIGKILL) when dropped.
-struct Proc {
+pub(crate) struct Proc {
     name: &'static str,
     child: Child,
     status: Option<ExitStatus>,
 }
 
 impl Proc {
-    fn spawn(name: &'static str, mut cmd: Command) -> Result<Self> {
+    pub(crate) fn spawn(name: &'static str, mut cmd: Command) -> Result<Self> {
         // Its own process group: the terminal's Ctrl-C reaches only us.
         cmd.current_dir(project_root()).process_group(0);
         println!("==> starting {}", show(&cmd));
@@ -461,7 +516,7 @@ impl Proc {
     }
 
     /// The exit status, if the process has exited.
-    fn exited(&mut self) -> Result<Option<ExitStatus>> {
+    pub(crate) fn exited(&mut self) -> Result<Option<ExitStatus>> {
         if self.status.is_none() {
             self.status = self
                 .child
@@ -472,7 +527,7 @@ impl Proc {
     }
 
     /// SIGTERM, then SIGKILL if it has not exited after [`STOP_GRACE`]. Idempotent.
-    fn stop(&mut self) {
+    pub(crate) fn stop(&mut self) {
         if !matches!(self.exited(), Ok(None)) {
             return;
         }

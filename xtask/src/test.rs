@@ -4,13 +4,13 @@ use std::process::Command;
 
 use anyhow::{Context, Result};
 
-use crate::{cargo, run_cmd, show, tools};
+use crate::{cargo, qemu, run_cmd, show, tools};
 
 /// A bare-metal target with no std, for the no_std check.
 const NO_STD_TARGET: &str = "thumbv7em-none-eabihf";
 
 /// Number of steps, for the `[n/STEPS]` progress prefix.
-const STEPS: usize = 5;
+const STEPS: usize = 6;
 
 pub(crate) fn run() -> Result<()> {
     announce(
@@ -68,6 +68,17 @@ pub(crate) fn run() -> Result<()> {
     test.env("BLACKBOX_WEED", &weed);
     test.env("BLACKBOX_PYTHON", &python);
     step(5, "test", &mut test, "see the failing tests above")?;
+    // The agent on real kernels: a panic and a reboot on x86_64 and aarch64 (armv7 and mipsel
+    // are `cargo xtask qemu --arch armv7|mipsel --panic` away).
+    announce(
+        6,
+        "qemu",
+        "cargo xtask qemu --panic, --arch x86_64 and --arch aarch64",
+    );
+    for arch in ["x86_64", "aarch64"] {
+        qemu::ci(arch)
+            .with_context(|| format!("step `qemu` failed on {arch}: see the report above"))?;
+    }
 
     println!("==> all {STEPS} steps passed");
     Ok(())

@@ -1,8 +1,10 @@
 //! The Linux layer: read the log stream, keep it in the persistent ring, upload on schedule.
 //!
 //! One reader thread follows kmsg and sends records over a bounded channel; the main thread
-//! appends them to the ring and uploads the oldest unacknowledged chunk first until none is
-//! left or a send fails.
+//! appends them to the ring and hands the oldest unacknowledged chunk to an upload thread, one
+//! at a time, until none is left or a send fails. Appending never waits for the network: a
+//! request that hangs until its timeout (the network just went away) does not keep records
+//! out of the ring, where a panic would still find them.
 //!
 //! At start-up, before anything of the current boot is stored, the agent settles what the
 //! previous boot left: the ring's unacknowledged blocks (uploaded under that boot's id),
@@ -36,8 +38,9 @@ use std::sync::mpsc::{self, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use blackbox_protocol::{BootId, DeviceId, Origin, Record, SyncPoint};
+use blackbox_protocol::{BootId, ChunkId, DeviceId, Origin, Record, SyncPoint};
 
+use crate::buffer::{LogBuffer, Sealed};
 use crate::kmsg::KmsgRecord;
 use crate::ring::{Ring, RingConfig};
 use crate::schedule::Schedule;
@@ -354,6 +357,7 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
     let mut held: Option<Vec<Event>> = Some(Vec::new());
     let mut pstore: Option<PstorePending> = None;
     let mut dropped_reported = 0u64;
+    let mut sender = Sender::spawn(uploader)?;
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(sig, Arc::clone(&stop))
@@ -361,12 +365,15 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
     }
     loop {
         if stop.load(Ordering::Relaxed) {
-            return stop_gracefully(&mut buf, &uploader, &cfg, held.is_none());
+            return stop_gracefully(&mut buf, &mut sender, &cfg, held.is_none());
         }
         // Wake at least every 250 ms to see a stop request.
-        let wait = next_upload
+        let mut wait = next_upload
             .saturating_duration_since(Instant::now())
-            .min(Duration::from_millis(250));
+            .min(STOP_POLL);
+        if sender.in_flight.is_some() {
+            wait = wait.min(ANSWER_POLL);
+        }
         match rx.recv_timeout(wait) {
             Ok(ev) => {
                 let mut batch = vec![ev];
@@ -394,19 +401,30 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => anyhow::bail!("log reader stopped"),
         }
-        if Instant::now() >= next_upload {
-            buf.seal_if_idle(sync_point(&cfg.synced_flag));
-            let delay = match upload_all(&mut buf, &uploader)? {
-                None => sched.after_success(random_u32()),
-                Some(after) => {
+        if let Some((id, answer)) = sender.answer() {
+            match answer {
+                Answer::Acked { duplicate } => {
+                    buf.ack(&id)?;
+                    if duplicate {
+                        eprintln!("blackbox-agent: chunk {id} was already stored");
+                    }
+                    // The next chunk goes at once.
+                    next_upload = Instant::now();
+                }
+                Answer::Retry { after, why } => {
+                    eprintln!("blackbox-agent: upload of {id} failed: {why}");
                     let d = sched.after_failure(after.map(|a| a.as_millis() as u64), random_u32());
                     eprintln!(
                         "blackbox-agent: retrying in {d} ms ({} chunk(s) waiting)",
                         buf.unacked_chunks()
                     );
-                    d
+                    next_upload = Instant::now() + Duration::from_millis(d);
                 }
-            };
+                Answer::Rejected { why } => {
+                    buf.reject(&id, &why)?;
+                    next_upload = Instant::now();
+                }
+            }
             if let Err(e) = buf.ring_mut().backing_mut().flush() {
                 eprintln!("blackbox-agent: ring flush: {e}");
             }
@@ -422,8 +440,80 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
                 );
                 pstore = None;
             }
-            next_upload = Instant::now() + Duration::from_millis(delay);
         }
+        if sender.in_flight.is_none() && Instant::now() >= next_upload {
+            buf.seal_if_idle(sync_point(&cfg.synced_flag));
+            match buf.next_unacked()? {
+                Some(chunk) => sender.send(chunk)?,
+                None => {
+                    next_upload =
+                        Instant::now() + Duration::from_millis(sched.after_success(random_u32()));
+                }
+            }
+        }
+    }
+}
+
+/// How often the main loop looks for the server's answer while a chunk is on its way.
+const ANSWER_POLL: Duration = Duration::from_millis(50);
+
+/// How often the main loop looks for a stop request (SIGTERM) at the least.
+const STOP_POLL: Duration = Duration::from_millis(250);
+
+/// Sends chunks on a thread of its own, one at a time. A request can hang for the whole
+/// `--timeout` (a network that went away answers nothing); meanwhile the main loop goes on
+/// reading the log into the ring, so a panic during the outage still finds every record there.
+struct Sender {
+    jobs: mpsc::Sender<Sealed>,
+    answers: mpsc::Receiver<(ChunkId, Answer)>,
+    /// The chunk on its way, if any.
+    in_flight: Option<ChunkId>,
+}
+
+impl Sender {
+    fn spawn(uploader: Uploader) -> anyhow::Result<Self> {
+        let (jobs, job_rx) = mpsc::channel::<Sealed>();
+        let (answer_tx, answers) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("upload".into())
+            .spawn(move || {
+                for chunk in job_rx {
+                    let answer = uploader.send(&chunk.bytes);
+                    if answer_tx.send((chunk.id, answer)).is_err() {
+                        break;
+                    }
+                }
+            })
+            .context("starting the upload thread")?;
+        Ok(Self {
+            jobs,
+            answers,
+            in_flight: None,
+        })
+    }
+
+    fn send(&mut self, chunk: Sealed) -> anyhow::Result<()> {
+        self.in_flight = Some(chunk.id.clone());
+        self.jobs
+            .send(chunk)
+            .map_err(|_| anyhow::anyhow!("the upload thread stopped"))
+    }
+
+    /// The answer for the chunk in flight, once it is there.
+    fn answer(&mut self) -> Option<(ChunkId, Answer)> {
+        self.in_flight.as_ref()?;
+        let a = self.answers.try_recv().ok()?;
+        self.in_flight = None;
+        Some(a)
+    }
+
+    /// The answer for the chunk in flight, waiting for it until `deadline`.
+    fn answer_by(&mut self, deadline: Instant) -> Option<(ChunkId, Answer)> {
+        self.in_flight.as_ref()?;
+        let wait = deadline.saturating_duration_since(Instant::now());
+        let a = self.answers.recv_timeout(wait).ok()?;
+        self.in_flight = None;
+        Some(a)
     }
 }
 
@@ -433,7 +523,7 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
 /// in the ring yet is read from kmsg again) at the next start.
 fn stop_gracefully(
     buf: &mut RingBuffer<Mapping>,
-    uploader: &Uploader,
+    sender: &mut Sender,
     cfg: &RunConfig,
     settled: bool,
 ) -> anyhow::Result<()> {
@@ -443,12 +533,25 @@ fn stop_gracefully(
             "blackbox-agent: stopping: uploading the {} chunk(s) waiting",
             buf.unacked_chunks()
         );
-        while Instant::now() < deadline {
-            if upload_all(buf, uploader)?.is_some() {
+        loop {
+            if sender.in_flight.is_some() {
+                match sender.answer_by(deadline) {
+                    Some((id, Answer::Acked { .. })) => buf.ack(&id)?,
+                    Some((id, Answer::Rejected { why })) => buf.reject(&id, &why)?,
+                    Some((id, Answer::Retry { why, .. })) => {
+                        eprintln!("blackbox-agent: upload of {id} failed: {why}");
+                        break;
+                    }
+                    None => break, // out of time
+                }
+            }
+            if Instant::now() >= deadline {
                 break;
             }
-            if !buf.seal_if_idle(sync_point(&cfg.synced_flag)) {
-                break;
+            buf.seal_if_idle(sync_point(&cfg.synced_flag));
+            match buf.next_unacked()? {
+                Some(chunk) => sender.send(chunk)?,
+                None => break,
             }
         }
     }
@@ -743,28 +846,4 @@ fn collect_pstore(
     );
     let upto = buf.ring().resume_after(&boot).unwrap_or(0);
     Ok(Some(PstorePending { boot, upto, files }))
-}
-
-/// Uploads until nothing sealed is left (`Ok(None)`) or a send fails (`Ok(Some(retry_after))`).
-fn upload_all(
-    buf: &mut RingBuffer<Mapping>,
-    up: &Uploader,
-) -> anyhow::Result<Option<Option<Duration>>> {
-    use crate::buffer::LogBuffer;
-    while let Some(chunk) = buf.next_unacked()? {
-        match up.send(&chunk.bytes) {
-            Answer::Acked { duplicate } => {
-                buf.ack(&chunk.id)?;
-                if duplicate {
-                    eprintln!("blackbox-agent: chunk {} was already stored", chunk.id);
-                }
-            }
-            Answer::Retry { after, why } => {
-                eprintln!("blackbox-agent: upload of {} failed: {why}", chunk.id);
-                return Ok(Some(after));
-            }
-            Answer::Rejected { why } => buf.reject(&chunk.id, &why)?,
-        }
-    }
-    Ok(None)
 }
