@@ -247,67 +247,7 @@ impl Chunk {
         header: &ChunkHeader,
         limits: &Limits,
     ) -> Result<Self, DecodeError> {
-        if header.record_count > limits.max_records {
-            return Err(DecodeError::LimitExceeded {
-                what: "record count",
-                limit: limits.max_records.into(),
-                value: header.record_count.into(),
-            });
-        }
-        if header.raw_len > limits.max_decompressed {
-            return Err(DecodeError::LimitExceeded {
-                what: "declared inflated size",
-                limit: limits.max_decompressed.into(),
-                value: header.raw_len.into(),
-            });
-        }
-        let total = header.member_len();
-        let have = bytes.len() as u64;
-        if have < total {
-            return Err(DecodeError::Truncated { what: "payload" });
-        }
-        if have > total {
-            return Err(DecodeError::TrailingBytes(have - total));
-        }
-        if u64::from(header.raw_len)
-            > u64::from(header.deflate_len).saturating_mul(MAX_DEFLATE_RATIO) + 64
-        {
-            return Err(DecodeError::SizeMismatch {
-                what: "inflated size (beyond deflate's maximum ratio)",
-                declared: header.raw_len.into(),
-                actual: u64::from(header.deflate_len) * MAX_DEFLATE_RATIO,
-            });
-        }
-        let start = header.header_len as usize;
-        let end = start + header.deflate_len as usize;
-        let deflated = bytes
-            .get(start..end)
-            .ok_or(DecodeError::Truncated { what: "payload" })?;
-        let trailer = bytes.get(end..).ok_or(DecodeError::Truncated {
-            what: "gzip trailer",
-        })?;
-        let raw = inflate_exact(deflated, header.raw_len as usize)?;
-        let (crc, isize) = match trailer {
-            [a, b, c, d, e, f, g, h] => (
-                u32::from_le_bytes([*a, *b, *c, *d]),
-                u32::from_le_bytes([*e, *f, *g, *h]),
-            ),
-            _ => {
-                return Err(DecodeError::Truncated {
-                    what: "gzip trailer",
-                });
-            }
-        };
-        if isize != header.raw_len {
-            return Err(DecodeError::SizeMismatch {
-                what: "gzip ISIZE",
-                declared: header.raw_len.into(),
-                actual: isize.into(),
-            });
-        }
-        if crc32fast::hash(&raw) != crc {
-            return Err(DecodeError::PayloadCrcMismatch);
-        }
+        let raw = inflate_checked(bytes, header, limits)?;
         let records = parse_lines(&raw, header, limits)?;
         Ok(Self {
             id: header.id.clone(),
@@ -315,6 +255,86 @@ impl Chunk {
             records,
         })
     }
+
+    /// The checked parse without the per-line one: header, declared sizes against `limits`,
+    /// bounded inflate, CRC32 and length, exactly as [`Chunk::decode`] checks them. Returns the
+    /// header and the inflated payload (one JSON line per record, each ending in `\n`), for
+    /// readers that scan lines themselves. The lines are *not* checked.
+    pub fn inflate(bytes: &[u8], limits: &Limits) -> Result<(ChunkHeader, Vec<u8>), DecodeError> {
+        let header = ChunkHeader::parse(bytes)?;
+        let raw = inflate_checked(bytes, &header, limits)?;
+        Ok((header, raw))
+    }
+}
+
+/// Everything [`Chunk::decode`] checks before the lines; returns the inflated payload.
+fn inflate_checked(
+    bytes: &[u8],
+    header: &ChunkHeader,
+    limits: &Limits,
+) -> Result<Vec<u8>, DecodeError> {
+    if header.record_count > limits.max_records {
+        return Err(DecodeError::LimitExceeded {
+            what: "record count",
+            limit: limits.max_records.into(),
+            value: header.record_count.into(),
+        });
+    }
+    if header.raw_len > limits.max_decompressed {
+        return Err(DecodeError::LimitExceeded {
+            what: "declared inflated size",
+            limit: limits.max_decompressed.into(),
+            value: header.raw_len.into(),
+        });
+    }
+    let total = header.member_len();
+    let have = bytes.len() as u64;
+    if have < total {
+        return Err(DecodeError::Truncated { what: "payload" });
+    }
+    if have > total {
+        return Err(DecodeError::TrailingBytes(have - total));
+    }
+    if u64::from(header.raw_len)
+        > u64::from(header.deflate_len).saturating_mul(MAX_DEFLATE_RATIO) + 64
+    {
+        return Err(DecodeError::SizeMismatch {
+            what: "inflated size (beyond deflate's maximum ratio)",
+            declared: header.raw_len.into(),
+            actual: u64::from(header.deflate_len) * MAX_DEFLATE_RATIO,
+        });
+    }
+    let start = header.header_len as usize;
+    let end = start + header.deflate_len as usize;
+    let deflated = bytes
+        .get(start..end)
+        .ok_or(DecodeError::Truncated { what: "payload" })?;
+    let trailer = bytes.get(end..).ok_or(DecodeError::Truncated {
+        what: "gzip trailer",
+    })?;
+    let raw = inflate_exact(deflated, header.raw_len as usize)?;
+    let (crc, isize) = match trailer {
+        [a, b, c, d, e, f, g, h] => (
+            u32::from_le_bytes([*a, *b, *c, *d]),
+            u32::from_le_bytes([*e, *f, *g, *h]),
+        ),
+        _ => {
+            return Err(DecodeError::Truncated {
+                what: "gzip trailer",
+            });
+        }
+    };
+    if isize != header.raw_len {
+        return Err(DecodeError::SizeMismatch {
+            what: "gzip ISIZE",
+            declared: header.raw_len.into(),
+            actual: isize.into(),
+        });
+    }
+    if crc32fast::hash(&raw) != crc {
+        return Err(DecodeError::PayloadCrcMismatch);
+    }
+    Ok(raw)
 }
 
 /// Inflates `deflated` into exactly `raw_len` bytes, consuming all of it, or fails.

@@ -1,4 +1,4 @@
-//! # blackbox-server: receive, store, and (later) grind, index and grep
+//! # blackbox-server: receive, store, grind, narrative, grep, compact
 //!
 //! The receiving path, left to right:
 //!
@@ -13,13 +13,37 @@
 //!
 //! Guarantee: a 2xx answer means the chunk is durably in the store. Anything else means it may
 //! not be, and the agent keeps it and retries.
+//!
+//! Downstream (best effort, restartable; `server/DOWNSTREAM.md` for layouts and formats), all on
+//! one reader layer:
+//!
+//! - [`reader`]: which objects hold a time range's lines (ingest hours, compaction manifests),
+//!   which chunks to fetch (the index objects, ranged GETs), checked decoding that names
+//!   damaged objects and goes on; [`scan`] reads a record line's fields without a JSON parser;
+//!   [`dedup`] drops records seen before by (device, boot, sequence number); [`timespec`]
+//!   parses `--since`/`--until`.
+//! - [`narrative`]: some devices' exact lines in a range, merged by wall time.
+//! - [`grep`]: time-bounded, device-filtered, parallel search with ordered output.
+//! - [`grind`] with [`rules`] and [`metrics`]: regex rules turn new lines into events objects,
+//!   exactly once across restarts (checkpoint object), counted for Prometheus.
+//! - [`compact`]: an hour's segments into one object per device, switched by a manifest.
 #![forbid(unsafe_code)]
 
 pub mod allowlist;
+pub mod compact;
+pub mod dedup;
 pub mod devices;
+pub mod grep;
+pub mod grind;
+pub mod metrics;
+pub mod narrative;
+pub mod reader;
 pub mod receive;
+pub mod rules;
+pub mod scan;
 pub mod segment;
 pub mod store;
+pub mod timespec;
 pub mod tls;
 
 pub use receive::{AppState, Auth, ReceiveConfig, app};

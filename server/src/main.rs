@@ -8,7 +8,10 @@ use anyhow::{Context, bail};
 use blackbox_protocol::{DeviceId, Fingerprint};
 use blackbox_server::allowlist::{self, AllowlistFile};
 use blackbox_server::devices::{self, Registry};
-use blackbox_server::{AppState, Auth, Committer, ReceiveConfig, SegmentConfig, Store, app, tls};
+use blackbox_server::{
+    AppState, Auth, Committer, ReceiveConfig, SegmentConfig, Store, app, compact, grep, grind,
+    narrative, reader, timespec, tls,
+};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -32,6 +35,156 @@ enum Cmd {
     /// The allowlist: devices waiting to be allowed, allowing and revoking them.
     #[command(subcommand)]
     Devices(DevicesCmd),
+    /// The exact lines of some devices in a time range, merged by wall time, each device in
+    /// sequence order.
+    Narrative(NarrativeArgs),
+    /// Search stored lines in a time range (like `zcat | grep -E`, without the duplicates).
+    Grep(GrepArgs),
+    /// Follow the store, apply regex rules to every new line, write events back into the store
+    /// and serve their counts as Prometheus metrics.
+    Grind(GrindArgs),
+    /// Merge an hour's segments into one object per device (or device group), deduplicated
+    /// and in sequence order, then delete them.
+    Compact(CompactArgs),
+}
+
+#[derive(clap::Args)]
+struct CompactArgs {
+    /// Store URL: file:///path, s3://bucket/prefix (AWS_* variables) or a directory.
+    #[arg(long, default_value = "./blackbox-data")]
+    store: String,
+    /// The ingest hour: 2026-11-21T14, any time inside it (RFC 3339), or relative (-2h).
+    #[arg(long, allow_hyphen_values = true)]
+    hour: String,
+    /// 0: one object per device; N: N objects by device hash (for large fleets).
+    #[arg(long, default_value_t = 0)]
+    groups: u32,
+    /// Compact an hour that receivers may still write to (late segments stay readable and a
+    /// later run takes them in).
+    #[arg(long)]
+    allow_open: bool,
+    /// Objects read at once.
+    #[arg(long, default_value_t = 8)]
+    parallel: usize,
+    /// Test hook: abort at after-output, after-manifest or after-delete.
+    #[arg(long, hide = true)]
+    fault: Option<String>,
+}
+
+#[derive(clap::Args)]
+struct GrindArgs {
+    /// Store URL: file:///path, s3://bucket/prefix (AWS_* variables) or a directory.
+    #[arg(long, default_value = "./blackbox-data")]
+    store: String,
+    /// Rules file (TOML; re-read when it changes). Default: the built-in rules
+    /// (server/rules/default.toml).
+    #[arg(long)]
+    rules: Option<PathBuf>,
+    /// Serve the event counts as Prometheus metrics at http://ADDR/metrics.
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
+    /// Grind again from this time's hour (a date, RFC 3339 or -2d): starts a fresh checkpoint
+    /// and replaces the events of those hours.
+    #[arg(long, allow_hyphen_values = true)]
+    from: Option<String>,
+    /// Exit once everything stored so far is ground.
+    #[arg(long)]
+    once: bool,
+    /// Key prefix of the events objects.
+    #[arg(long, default_value = "events/")]
+    events_prefix: String,
+    /// Key of the checkpoint object.
+    #[arg(long, default_value = "grind/checkpoint.json")]
+    checkpoint: String,
+    /// Milliseconds between looks at the store when idle.
+    #[arg(long, default_value_t = 250)]
+    poll_ms: u64,
+    /// Write the checkpoint at most this often (milliseconds).
+    #[arg(long, default_value_t = 1000)]
+    checkpoint_every_ms: u64,
+    /// Objects read and ground at once (default: the number of cores).
+    #[arg(long)]
+    parallel: Option<usize>,
+    /// Test hook: POINT[:N] aborts at POINT (after-events-put, after-checkpoint) after passing
+    /// it N times.
+    #[arg(long, hide = true)]
+    fault: Option<String>,
+}
+
+/// Where and when to read.
+#[derive(clap::Args)]
+struct RangeArgs {
+    /// Store URL: file:///path, s3://bucket/prefix (AWS_* variables) or a directory.
+    #[arg(long, default_value = "./blackbox-data")]
+    store: String,
+    /// Wall time from: RFC 3339 (2026-11-21T14:00:00Z), a date, or relative (-1h, -30m).
+    #[arg(long, default_value = "-1h", allow_hyphen_values = true)]
+    since: String,
+    /// Wall time until (exclusive); same forms.
+    #[arg(long, default_value = "now", allow_hyphen_values = true)]
+    until: String,
+    /// How long after its wall time a line may have been stored (a device offline that long);
+    /// bounds the ingest hours read. Forms: 24h, 3d, 90m.
+    #[arg(long, default_value = "24h")]
+    max_delay: String,
+    /// Objects read at once.
+    #[arg(long, default_value_t = 16)]
+    parallel: usize,
+}
+
+impl RangeArgs {
+    /// (since, until, lookback, now) in µs.
+    fn resolve(&self) -> anyhow::Result<(i64, i64, reader::Lookback, i64)> {
+        let now = timespec::now_us();
+        let since = timespec::parse_time(&self.since, now)?;
+        let until = timespec::parse_time(&self.until, now)?;
+        if until <= since {
+            bail!(
+                "--until ({}) is not after --since ({})",
+                self.until,
+                self.since
+            );
+        }
+        let max_delay_us = timespec::parse_duration(&self.max_delay)
+            .with_context(|| format!("--max-delay {:?} is not a duration", self.max_delay))?;
+        let lookback = reader::Lookback {
+            max_delay_us,
+            ..Default::default()
+        };
+        Ok((since, until, lookback, now))
+    }
+}
+
+#[derive(clap::Args)]
+struct NarrativeArgs {
+    #[command(flatten)]
+    range: RangeArgs,
+    /// A device (repeat the flag for several).
+    #[arg(long = "device", required = true)]
+    devices: Vec<String>,
+    /// Print `TIME DEVICE <LEVEL> MESSAGE` instead of the stored JSON lines.
+    #[arg(long)]
+    text: bool,
+}
+
+#[derive(clap::Args)]
+struct GrepArgs {
+    /// Regular expression (Rust syntax, close to grep -E), matched against the stored line.
+    pattern: String,
+    #[command(flatten)]
+    range: RangeArgs,
+    /// Only these devices (repeat the flag).
+    #[arg(long = "device")]
+    devices: Vec<String>,
+    /// Print only the number of matching lines.
+    #[arg(long, short = 'c')]
+    count: bool,
+    /// Case-insensitive.
+    #[arg(long, short = 'i')]
+    ignore_case: bool,
+    /// Match the message text only (unescaped), not the whole stored JSON line.
+    #[arg(long)]
+    msg: bool,
 }
 
 #[derive(Subcommand)]
@@ -157,7 +310,135 @@ fn main() -> anyhow::Result<()> {
         Cmd::Serve(a) => rt.block_on(serve(a)),
         Cmd::Tls(TlsCmd::Init { dir, names, force }) => tls_init(&dir, names, force),
         Cmd::Devices(d) => devices_cmd(d),
+        Cmd::Narrative(a) => rt.block_on(narrative_cmd(a)),
+        Cmd::Grep(a) => rt.block_on(grep_cmd(a)),
+        Cmd::Grind(a) => rt.block_on(grind_cmd(a)),
+        Cmd::Compact(a) => rt.block_on(compact_cmd(a)),
     }
+}
+
+async fn compact_cmd(a: CompactArgs) -> anyhow::Result<()> {
+    let store = Store::open(&a.store)?;
+    let hour = timespec::hour_of(timespec::parse_time(&a.hour, timespec::now_us())?);
+    let cfg = compact::CompactConfig {
+        groups: a.groups,
+        allow_open: a.allow_open,
+        parallel: a.parallel,
+        fault: a.fault,
+        ..Default::default()
+    };
+    let r = compact::compact_hour(&store, hour, &cfg).await?;
+    if r.generation == 0 {
+        println!("{}: nothing to compact", timespec::hour_path(hour));
+    } else {
+        println!(
+            "{}: {} segments ({} chunks, {:.1} MB) -> {} objects ({} chunks, {:.1} MB), {} duplicate records dropped, generation {}{}",
+            timespec::hour_path(hour),
+            r.inputs,
+            r.chunks_in,
+            r.bytes_in as f64 / 1e6,
+            r.outputs,
+            r.chunks_out,
+            r.bytes_out as f64 / 1e6,
+            r.duplicates,
+            r.generation,
+            if r.kept > 0 {
+                format!("; {} damaged segments kept in place", r.kept)
+            } else {
+                String::new()
+            }
+        );
+    }
+    Ok(())
+}
+
+async fn grind_cmd(a: GrindArgs) -> anyhow::Result<()> {
+    let store = Store::open(&a.store)?;
+    let from_hour = a
+        .from
+        .as_deref()
+        .map(|f| timespec::parse_time(f, timespec::now_us()).map(timespec::hour_of))
+        .transpose()?;
+    let fault = a.fault.map(|f| match f.split_once(':') {
+        Some((p, n)) => (p.to_owned(), n.parse().unwrap_or(0)),
+        None => (f, 0),
+    });
+    let mut cfg = grind::GrindConfig {
+        rules_path: a.rules,
+        events_prefix: a.events_prefix,
+        checkpoint_key: a.checkpoint,
+        poll: Duration::from_millis(a.poll_ms),
+        checkpoint_every: Duration::from_millis(a.checkpoint_every_ms),
+        from_hour,
+        once: a.once,
+        fault,
+        ..Default::default()
+    };
+    if let Some(p) = a.parallel {
+        cfg.parallel = p;
+    }
+    let reducer = Arc::new(blackbox_server::metrics::Reducer::default());
+    if let Some(addr) = a.metrics_listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding {addr}"))?;
+        tracing::info!(listen = %listener.local_addr()?, "serving /metrics");
+        tokio::spawn(blackbox_server::metrics::serve(listener, reducer.clone()));
+    }
+    tokio::select! {
+        r = grind::run(store, cfg, reducer) => r,
+        _ = shutdown_signal() => Ok(()),
+    }
+}
+
+async fn narrative_cmd(a: NarrativeArgs) -> anyhow::Result<()> {
+    let (since, until, lookback, now) = a.range.resolve()?;
+    let store = Store::open(&a.range.store)?;
+    let devices = a.devices.into_iter().collect();
+    let lines = narrative::collect(
+        &store,
+        &devices,
+        since,
+        until,
+        &lookback,
+        now,
+        a.range.parallel,
+    )
+    .await?;
+    let ordered = narrative::order(lines);
+    let format = if a.text {
+        narrative::Format::Text
+    } else {
+        narrative::Format::Json
+    };
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    match narrative::print(&ordered, format, &mut out) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
+    }
+}
+
+async fn grep_cmd(a: GrepArgs) -> anyhow::Result<()> {
+    let (since, until, lookback, now) = a.range.resolve()?;
+    let store = Store::open(&a.range.store)?;
+    let filter = reader::Filter {
+        devices: (!a.devices.is_empty()).then(|| a.devices.into_iter().collect()),
+        since_us: since,
+        until_us: until,
+    };
+    let opts = grep::GrepOptions {
+        pattern: a.pattern,
+        ignore_case: a.ignore_case,
+        msg_only: a.msg,
+        count: a.count,
+        parallel: a.range.parallel,
+        progress_every: Some(Duration::from_secs(2)),
+    };
+    let hours = lookback.hours(since, until, now);
+    let mut out = std::io::BufWriter::with_capacity(1 << 16, std::io::stdout());
+    grep::grep(&store, &hours, &filter, &opts, &mut out).await?;
+    Ok(())
 }
 
 fn tls_init(dir: &Path, mut names: Vec<String>, force: bool) -> anyhow::Result<()> {

@@ -2,6 +2,7 @@
 //! a kmsg-format file as the log source, and readers that count what reached the store.
 #![allow(missing_docs, clippy::unwrap_used)]
 
+pub mod downstream;
 pub mod harness;
 pub mod s3;
 pub mod tlsclient;

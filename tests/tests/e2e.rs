@@ -4,6 +4,7 @@
 
 use std::time::{Duration, Instant};
 
+use blackbox_tests::downstream::post;
 use blackbox_tests::harness::{
     Agent, KmsgFile, Server, list_store, read_store, seqs_by_device, wait_until,
 };
@@ -90,20 +91,6 @@ fn exactly_once_through_restarts_local_dir() {
 fn exactly_once_through_restarts_s3() {
     let weed = Weed::start().expect("SeaweedFS (run `cargo xtask test`, which installs it)");
     exactly_once_through_restarts(&weed.store_url("exactly-once"), weed.env());
-}
-
-fn post(url: &str, device: &str, body: &[u8]) -> Result<u16, String> {
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(20)))
-        .build()
-        .into();
-    agent
-        .post(format!("{url}/v1/chunks"))
-        .header("x-blackbox-device", device)
-        .send(body)
-        .map(|r| r.status().as_u16())
-        .map_err(|e| e.to_string())
 }
 
 /// The same chunk twice: stored once, both answers success; also when the receiver died

@@ -1,0 +1,891 @@
+//! The reader layer under narrative, grep, grind and compaction: which objects hold the lines
+//! of a time range, which chunks of them to fetch, and the lines inside.
+//!
+//! **Layout.** The receiver writes `raw/YYYY-MM-DD/HH/<receiver>-<ulid>.seg.gz` (chunks'
+//! gzip members back to back) and `….idx` beside it (one JSON line per chunk: device, boot,
+//! sequence range, wall-time range, byte offset, length). Compaction writes
+//! `compact/YYYY-MM-DD/HH/<group>.g<generation>.seg.gz` + `.idx` in the same formats, then
+//! `compact/YYYY-MM-DD/HH/manifest.json` naming the generation and the raw inputs it
+//! replaces; only after that are the inputs deleted (see [`crate::compact`]).
+//!
+//! **Which objects.** Keys carry the *ingest* hour. A line's wall time can precede its ingest
+//! time by a whole outage (the device keeps its ring and uploads later) and can follow it by
+//! a device clock running ahead. For a wall-time range `[since, until)` the reader looks at
+//! ingest hours from `since - skew` to `until + max_delay` (capped at now), defaults 1 h and
+//! 24 h ([`Lookback`]); the wall ranges in the index objects then skip every chunk outside the
+//! range without fetching it. Lines delayed more than `max_delay` are found with a larger
+//! `--max-delay`.
+//!
+//! **The hour's sources** ([`hour_sources`]): one LIST per prefix. With a manifest: the current
+//! generation's compacted objects, plus raw segments the manifest does not name (written after
+//! the compaction); without one, the raw segments (half-written compaction outputs are
+//! ignored). A source that vanishes while being read (its hour was compacted in between) makes
+//! the reader plan that hour again; records already passed on are dropped by identity, so a
+//! reader sees every line exactly once before, during and after a compaction.
+//!
+//! **Which chunks** ([`read_source`]): the index object selects the chunks of the wanted devices
+//! and wall range, fetched with ranged GETs (adjacent ranges coalesced); a source whose chunks
+//! are all wanted is fetched with one GET. A missing or damaged index falls back to walking the
+//! segment's gzip headers. Every chunk goes through [`Chunk::inflate`] (header CRC, declared
+//! sizes, bounded inflate, payload CRC): a damaged object is reported by key and offset, and
+//! reading goes on with the next chunk.
+use std::collections::{BTreeSet, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use blackbox_protocol::chunk::walk_members;
+use blackbox_protocol::{Chunk, ChunkHeader, Limits};
+use futures::StreamExt;
+use object_store::ObjectStoreExt;
+use object_store::path::Path;
+use serde::{Deserialize, Serialize};
+
+use crate::dedup::{Overlap, Seen};
+use crate::scan::{self, Fields};
+use crate::segment::{IndexEntry, parse_index};
+use crate::store::Store;
+use crate::timespec::{HOUR_US, hour_of, hour_path};
+
+/// Prefix of the receiver's segments.
+pub const RAW: &str = "raw/";
+/// Prefix of compaction's outputs and manifests.
+pub const COMPACT: &str = "compact/";
+/// Name of an hour's compaction manifest.
+pub const MANIFEST: &str = "manifest.json";
+
+/// How far ingest time may lie from wall time (see the module doc).
+#[derive(Debug, Clone, Copy)]
+pub struct Lookback {
+    /// A line may be stored this long after its wall time (an outage), in µs.
+    pub max_delay_us: i64,
+    /// A device clock may run this far ahead of the receiver's, in µs.
+    pub skew_us: i64,
+}
+
+impl Default for Lookback {
+    fn default() -> Self {
+        Self {
+            max_delay_us: 24 * HOUR_US,
+            skew_us: HOUR_US,
+        }
+    }
+}
+
+impl Lookback {
+    /// The ingest hours that can hold lines with wall times in `[since, until)`.
+    pub fn hours(&self, since: i64, until: i64, now: i64) -> Vec<i64> {
+        let first = hour_of(since.saturating_sub(self.skew_us));
+        let last = hour_of(
+            until
+                .saturating_add(self.max_delay_us)
+                .min(now.saturating_add(self.skew_us)),
+        );
+        (first..=last).collect()
+    }
+}
+
+/// `raw/YYYY-MM-DD/HH/`.
+pub fn raw_prefix(hour: i64) -> String {
+    format!("{RAW}{}/", hour_path(hour))
+}
+
+/// `compact/YYYY-MM-DD/HH/`.
+pub fn compact_prefix(hour: i64) -> String {
+    format!("{COMPACT}{}/", hour_path(hour))
+}
+
+/// The index key beside an object key (`….seg.gz` → `….idx`).
+pub fn idx_key(seg_key: &str) -> String {
+    format!("{}.idx", seg_key.strip_suffix(".seg.gz").unwrap_or(seg_key))
+}
+
+/// An hour's compaction manifest: written after every output of its generation is durable,
+/// before any input is deleted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Format version (1).
+    pub version: u32,
+    /// Outputs of this generation are the current ones.
+    pub generation: u64,
+    /// Keys of the raw segments the outputs replace (deleted once the manifest is durable).
+    pub inputs: Vec<String>,
+    /// Keys of the outputs of this generation.
+    pub outputs: Vec<String>,
+}
+
+/// One object to read: a raw segment or a compaction output.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Source {
+    /// The object key (`….seg.gz`).
+    pub key: String,
+    /// Its ingest hour.
+    pub hour: i64,
+    /// Set when every chunk in it is this device's (a per-device compaction output).
+    pub device: Option<String>,
+}
+
+/// The device a per-device compaction output holds (`d-<device>.g<gen>.seg.gz`).
+pub fn output_device(key: &str) -> Option<&str> {
+    let name = key.rsplit('/').next()?.strip_prefix("d-")?;
+    Some(name.strip_suffix(".seg.gz")?.rsplit_once(".g")?.0)
+}
+
+/// Errors reading the store. Damage inside an object is not an error here: it is reported as
+/// a [`SourceRead::problems`] line and reading goes on.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    /// The store failed (network, permissions): retry later.
+    #[error("store: {0}")]
+    Store(#[from] object_store::Error),
+}
+
+/// The hours of `wanted` that hold any object (raw or compacted). A long range is narrowed by
+/// listing the date and hour "directories" (delimiter listings) instead of one LIST per hour.
+pub async fn existing_hours(store: &Store, wanted: &[i64]) -> Result<Vec<i64>, ReadError> {
+    if wanted.len() <= 48 {
+        return Ok(wanted.to_vec());
+    }
+    let want: BTreeSet<i64> = wanted.iter().copied().collect();
+    let mut found = BTreeSet::new();
+    for top in [RAW, COMPACT] {
+        let dates = store
+            .object_store()
+            .list_with_delimiter(Some(&Path::from(top)))
+            .await?;
+        for d in dates.common_prefixes {
+            let date = d.filename().unwrap_or_default().to_owned();
+            let Some(day_start) = crate::timespec::parse_hour_path(&format!("{date}/00")) else {
+                continue;
+            };
+            if !(day_start..day_start + 24).any(|h| want.contains(&h)) {
+                continue;
+            }
+            let hours = store.object_store().list_with_delimiter(Some(&d)).await?;
+            for h in hours.common_prefixes {
+                if let Some(h) = crate::timespec::parse_hour_path(&format!(
+                    "{date}/{}",
+                    h.filename().unwrap_or_default()
+                )) && want.contains(&h)
+                {
+                    found.insert(h);
+                }
+            }
+        }
+    }
+    Ok(found.into_iter().collect())
+}
+
+/// Reads an object, `None` if it does not exist.
+pub async fn get_opt(store: &Store, key: &str) -> Result<Option<bytes::Bytes>, ReadError> {
+    match store.get(key).await {
+        Ok(b) => Ok(Some(b)),
+        Err(object_store::Error::NotFound { .. }) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Deletes an object; one already gone is fine.
+pub async fn delete(store: &Store, key: &str) -> Result<(), ReadError> {
+    match store.object_store().delete(&Path::from(key)).await {
+        Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The hour's manifest, if any. One that does not parse is reported and treated as absent
+/// (its inputs are deleted only after it was written whole, so they are still there unless
+/// the object was damaged later).
+pub async fn read_manifest(store: &Store, hour: i64) -> Result<Option<Manifest>, ReadError> {
+    let key = format!("{}{MANIFEST}", compact_prefix(hour));
+    let Some(bytes) = get_opt(store, &key).await? else {
+        return Ok(None);
+    };
+    match serde_json::from_slice::<Manifest>(&bytes) {
+        Ok(m) => Ok(Some(m)),
+        Err(e) => {
+            tracing::error!(key, error = %e, "compaction manifest does not parse; ignoring it");
+            Ok(None)
+        }
+    }
+}
+
+/// The objects that hold an hour's lines, each line exactly once up to duplicates by
+/// identity (see the module doc): compacted outputs first, then raw segments, each in key order.
+pub async fn hour_sources(store: &Store, hour: i64) -> Result<Vec<Source>, ReadError> {
+    Ok(hour_plan(store, hour).await?.0)
+}
+
+/// [`hour_sources`] and the manifest it followed.
+pub async fn hour_plan(
+    store: &Store,
+    hour: i64,
+) -> Result<(Vec<Source>, Option<Manifest>), ReadError> {
+    let (raw, manifest) = futures::try_join!(
+        async { store.list(&raw_prefix(hour)).await.map_err(ReadError::from) },
+        read_manifest(store, hour)
+    )?;
+    let mut out = Vec::new();
+    let replaced: HashSet<&str> = match &manifest {
+        Some(m) => {
+            for key in &m.outputs {
+                out.push(Source {
+                    key: key.clone(),
+                    hour,
+                    device: output_device(key).map(str::to_owned),
+                });
+            }
+            m.inputs.iter().map(String::as_str).collect()
+        }
+        None => HashSet::new(),
+    };
+    for key in raw {
+        if key.ends_with(".seg.gz") && !replaced.contains(key.as_str()) {
+            out.push(Source {
+                key,
+                hour,
+                device: None,
+            });
+        }
+    }
+    Ok((out, manifest))
+}
+
+/// Which lines a reader wants.
+#[derive(Debug, Clone)]
+pub struct Filter {
+    /// Only these devices (`None`: all).
+    pub devices: Option<BTreeSet<String>>,
+    /// Wall time from (inclusive), µs.
+    pub since_us: i64,
+    /// Wall time until (exclusive), µs.
+    pub until_us: i64,
+}
+
+impl Filter {
+    /// Everything.
+    pub fn all() -> Self {
+        Self {
+            devices: None,
+            since_us: i64::MIN,
+            until_us: i64::MAX,
+        }
+    }
+
+    fn wants_device(&self, d: &str) -> bool {
+        self.devices.as_ref().is_none_or(|s| s.contains(d))
+    }
+
+    /// Could the chunk an index entry describes hold a wanted line?
+    pub fn wants(&self, e: &IndexEntry) -> bool {
+        self.wants_device(&e.device)
+            && e.wall_max_us >= self.since_us
+            && e.wall_min_us < self.until_us
+    }
+
+    /// Is every line of the chunk inside the wall range (no per-line time check needed)?
+    pub fn covers(&self, wall_min: i64, wall_max: i64) -> bool {
+        wall_min >= self.since_us && wall_max < self.until_us
+    }
+
+    /// Is a wall time inside the range?
+    pub fn in_range(&self, wall_us: i64) -> bool {
+        wall_us >= self.since_us && wall_us < self.until_us
+    }
+}
+
+/// One decoded chunk: its checked header and inflated payload.
+#[derive(Debug)]
+pub struct Decoded {
+    /// The object it came from.
+    pub key: Arc<str>,
+    /// The member's byte offset there.
+    pub offset: u64,
+    /// Its member's length.
+    pub len: u64,
+    /// The header (identity, sync point).
+    pub header: ChunkHeader,
+    /// Boot id as text (as the lines and index write it).
+    pub boot: String,
+    /// The inflated payload: one record line per `\n`.
+    pub raw: Vec<u8>,
+    /// The chunk as stored (its gzip member; shares the fetched buffer).
+    pub member: bytes::Bytes,
+    /// The index entry's wall range, when the chunk was found through one.
+    pub wall: Option<(i64, i64)>,
+}
+
+impl Decoded {
+    /// The record lines, without their `\n`.
+    pub fn lines(&self) -> impl Iterator<Item = &[u8]> {
+        let body = self.raw.strip_suffix(b"\n").unwrap_or(&self.raw);
+        body.split(|b| *b == b'\n').filter(|l| !l.is_empty())
+    }
+
+    /// The member's bytes are `store[key][offset..offset + len]`.
+    pub fn range(&self) -> std::ops::Range<u64> {
+        self.offset..self.offset + self.len
+    }
+}
+
+/// What reading one source gave.
+#[derive(Debug)]
+pub struct SourceRead {
+    /// The source.
+    pub source: Source,
+    /// Its wanted chunks, in object order.
+    pub chunks: Vec<Decoded>,
+    /// Damage found (each names the key and offset); the rest was read.
+    pub problems: Vec<String>,
+    /// The object was gone (compacted away after it was listed): plan its hour again.
+    pub vanished: bool,
+    /// Bytes fetched.
+    pub fetched: u64,
+}
+
+/// Decodes the member at `offset` of `bytes`, naming the key in any error.
+fn decode_member(
+    key: &Arc<str>,
+    offset: u64,
+    member: bytes::Bytes,
+    limits: &Limits,
+) -> Result<Decoded, String> {
+    let (header, raw) = Chunk::inflate(&member, limits)
+        .map_err(|e| format!("{key} at byte {offset}: chunk does not decode: {e}"))?;
+    Ok(Decoded {
+        key: key.clone(),
+        offset,
+        len: member.len() as u64,
+        member,
+        boot: header.id.boot.to_string(),
+        header,
+        raw,
+        wall: None,
+    })
+}
+
+/// Every chunk of a whole object, walking the gzip headers (no index needed).
+pub fn decode_all(
+    key: &Arc<str>,
+    bytes: &bytes::Bytes,
+    limits: &Limits,
+    problems: &mut Vec<String>,
+) -> Vec<Decoded> {
+    let mut out = Vec::new();
+    for m in walk_members(bytes) {
+        match m {
+            Ok((off, h)) => {
+                let end = off.saturating_add(h.member_len());
+                let Some(member) = usize::try_from(off)
+                    .ok()
+                    .zip(usize::try_from(end).ok())
+                    .and_then(|(a, b)| bytes.get(a..b))
+                else {
+                    problems.push(format!("{key} at byte {off}: member runs past the end"));
+                    break;
+                };
+                match decode_member(key, off, bytes.slice_ref(member), limits) {
+                    Ok(d) => out.push(d),
+                    Err(e) => problems.push(e),
+                }
+            }
+            Err(e) => {
+                problems.push(format!(
+                    "{key}: segment damaged, read up to the damage: {e}"
+                ));
+                break;
+            }
+        }
+    }
+    out
+}
+
+/// Reads the chunks of `src` that `filter` may want (see the module doc).
+pub async fn read_source(
+    store: &Store,
+    src: &Source,
+    filter: &Filter,
+    limits: &Limits,
+) -> Result<SourceRead, ReadError> {
+    let key: Arc<str> = Arc::from(src.key.as_str());
+    let mut read = SourceRead {
+        source: src.clone(),
+        chunks: Vec::new(),
+        problems: Vec::new(),
+        vanished: false,
+        fetched: 0,
+    };
+    if let Some(d) = &src.device
+        && !filter.wants_device(d)
+    {
+        return Ok(read);
+    }
+    let idx = idx_key(&src.key);
+    let entries = match get_opt(store, &idx).await? {
+        Some(bytes) => {
+            read.fetched += bytes.len() as u64;
+            let (entries, bad) = parse_index(&bytes);
+            if bad > 0 {
+                read.problems.push(format!(
+                    "{idx}: {bad} index lines do not parse; reading the whole segment"
+                ));
+                None
+            } else {
+                Some(entries)
+            }
+        }
+        None => None,
+    };
+    let limits = *limits;
+    let Some(entries) = entries else {
+        read_whole(store, &key, &limits, &mut read).await?;
+        return Ok(read);
+    };
+    let wanted: Vec<&IndexEntry> = entries.iter().filter(|e| filter.wants(e)).collect();
+    if wanted.is_empty() {
+        return Ok(read);
+    }
+    let ranges: Vec<std::ops::Range<u64>> = wanted
+        .iter()
+        .map(|e| e.byte_offset..e.byte_offset.saturating_add(e.byte_len))
+        .collect();
+    let path = Path::from(src.key.as_str());
+    let fetched = if wanted.len() == entries.len() {
+        match store.get(&src.key).await {
+            Ok(all) => Ok(ranges
+                .iter()
+                .map(|r| {
+                    let (a, b) = (r.start as usize, r.end as usize);
+                    all.get(a..b).map(|s| all.slice_ref(s)).unwrap_or_default()
+                })
+                .collect::<Vec<_>>()),
+            Err(e) => Err(e),
+        }
+    } else {
+        store.object_store().get_ranges(&path, &ranges).await
+    };
+    let parts = match fetched {
+        Ok(p) => p,
+        Err(object_store::Error::NotFound { .. }) => {
+            read.vanished = true;
+            return Ok(read);
+        }
+        Err(e) => {
+            // A range past the end (a lying index) is damage, not a store failure.
+            read.problems.push(format!(
+                "{}: ranged read failed ({e}); reading the whole segment",
+                src.key
+            ));
+            read_whole(store, &key, &limits, &mut read).await?;
+            return Ok(read);
+        }
+    };
+    read.fetched += parts.iter().map(|p| p.len() as u64).sum::<u64>();
+    let walls: Vec<(u64, (i64, i64))> = wanted
+        .iter()
+        .map(|e| (e.byte_offset, (e.wall_min_us, e.wall_max_us)))
+        .collect();
+    let mut problems = std::mem::take(&mut read.problems);
+    let chunks = tokio::task::spawn_blocking(move || {
+        let mut out = Vec::with_capacity(parts.len());
+        for ((off, wall), member) in walls.into_iter().zip(parts) {
+            match decode_member(&key, off, member, &limits) {
+                Ok(mut d) => {
+                    d.wall = Some(wall);
+                    out.push(d)
+                }
+                Err(e) => problems.push(e),
+            }
+        }
+        (out, problems)
+    })
+    .await
+    .map_err(|e| ReadError::Store(object_store::Error::JoinError { source: e }))?;
+    read.chunks = chunks.0;
+    read.problems = chunks.1;
+    Ok(read)
+}
+
+/// Reads a whole object and decodes every chunk by walking its gzip headers (no index).
+async fn read_whole(
+    store: &Store,
+    key: &Arc<str>,
+    limits: &Limits,
+    read: &mut SourceRead,
+) -> Result<(), ReadError> {
+    let Some(bytes) = get_opt(store, key).await? else {
+        read.vanished = true;
+        return Ok(());
+    };
+    read.fetched += bytes.len() as u64;
+    let mut problems = std::mem::take(&mut read.problems);
+    let (key, limits) = (key.clone(), *limits);
+    let (chunks, problems) = tokio::task::spawn_blocking(move || {
+        let c = decode_all(&key, &bytes, &limits, &mut problems);
+        (c, problems)
+    })
+    .await
+    .map_err(|e| ReadError::Store(object_store::Error::JoinError { source: e }))?;
+    read.chunks = chunks;
+    read.problems = problems;
+    Ok(())
+}
+
+/// One line passed on by [`Scanner`]: new by identity, inside the filter.
+#[derive(Debug)]
+pub struct Line<'a> {
+    /// The chunk it came from.
+    pub chunk: &'a Decoded,
+    /// The stored line, exactly (without `\n`).
+    pub text: &'a [u8],
+    /// Its parsed fields.
+    pub fields: Fields<'a>,
+    /// Wall time from the chunk's sync point, µs.
+    pub wall_us: i64,
+}
+
+/// Drops duplicates by identity and lines outside the filter, chunk by chunk, in the order the
+/// chunks are given.
+#[derive(Debug, Default)]
+pub struct Scanner {
+    /// Identities passed on so far.
+    pub seen: Seen,
+    /// Lines that did not scan (reported, skipped).
+    pub bad_lines: u64,
+}
+
+impl Scanner {
+    /// Calls `f` with every new line of `c` that `filter` wants. Lines not wanted (outside the
+    /// range, other devices) are not marked as seen.
+    pub fn chunk<'a>(&mut self, c: &'a Decoded, filter: &Filter, mut f: impl FnMut(Line<'a>)) {
+        let id = &c.header.id;
+        if !filter.wants_device(id.device.as_str()) {
+            return;
+        }
+        let runs = self.seen.runs(id.device.as_str(), &c.boot);
+        let overlap = runs.overlap(id.first_seq, id.last_seq);
+        if overlap == Overlap::All {
+            return;
+        }
+        for text in c.lines() {
+            let Some(fields) = scan::scan(text) else {
+                self.bad_lines += 1;
+                tracing::warn!(key = %c.key, offset = c.offset, "a line of this chunk does not parse; skipped");
+                continue;
+            };
+            let wall_us = c.header.sync.wall_of(fields.mono_us);
+            if !filter.in_range(wall_us) {
+                continue;
+            }
+            if overlap == Overlap::Some && runs.contains(fields.seq) {
+                continue;
+            }
+            runs.insert_run(fields.seq, fields.seq);
+            f(Line {
+                chunk: c,
+                text,
+                fields,
+                wall_us,
+            });
+        }
+    }
+}
+
+/// Counters of a read in progress (for a progress line).
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// Sources planned.
+    pub sources: AtomicU64,
+    /// Sources read.
+    pub done: AtomicU64,
+    /// Bytes fetched.
+    pub bytes: AtomicU64,
+}
+
+/// Plans `hours` (listing them in parallel), then reads every source with `parallel` reads in
+/// flight and hands them to `f` in order. An hour whose objects vanish under it (compacted
+/// meanwhile) is planned and read again at the end; `f` must drop what it saw already (a
+/// [`Scanner`] does).
+pub async fn read_hours(
+    store: &Store,
+    hours: &[i64],
+    filter: &Filter,
+    limits: &Limits,
+    parallel: usize,
+    progress: &Progress,
+    mut f: impl FnMut(SourceRead),
+) -> Result<(), ReadError> {
+    let parallel = parallel.max(1);
+    let hours = existing_hours(store, hours).await?;
+    let plans: Vec<Vec<Source>> =
+        futures::stream::iter(hours.iter().map(|&h| hour_sources(store, h)))
+            .buffered(parallel)
+            .collect::<Vec<_>>()
+            .await
+            .into_iter()
+            .collect::<Result<_, _>>()?;
+    let mut todo: Vec<Source> = plans.into_iter().flatten().collect();
+    for _attempt in 0..4 {
+        progress
+            .sources
+            .fetch_add(todo.len() as u64, Ordering::Relaxed);
+        let mut reads =
+            futures::stream::iter(todo.iter().map(|s| read_source(store, s, filter, limits)))
+                .buffered(parallel);
+        let mut again = BTreeSet::new();
+        while let Some(r) = reads.next().await {
+            let r = r?;
+            progress.done.fetch_add(1, Ordering::Relaxed);
+            progress.bytes.fetch_add(r.fetched, Ordering::Relaxed);
+            for p in &r.problems {
+                tracing::error!("{p}");
+            }
+            if r.vanished {
+                again.insert(r.source.hour);
+            } else {
+                f(r);
+            }
+        }
+        drop(reads);
+        if again.is_empty() {
+            return Ok(());
+        }
+        tracing::info!(
+            hours = again.len(),
+            "objects were compacted while being read; reading their hours again"
+        );
+        todo.clear();
+        for h in again {
+            todo.extend(hour_sources(store, h).await?);
+        }
+    }
+    tracing::error!("objects kept vanishing while being read; giving up on them");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use blackbox_protocol::{BootId, DeviceId, Origin, Record, SyncPoint};
+
+    fn chunk(device: &str, first: u64, n: u64) -> Vec<u8> {
+        let records = (first..first + n)
+            .map(|seq| Record {
+                seq,
+                mono_us: seq * 1000,
+                level: 6,
+                facility: 0,
+                origin: Origin::Kmsg,
+                msg: format!("{device} line {seq}").into_bytes(),
+            })
+            .collect();
+        let sync = SyncPoint {
+            mono_us: 0,
+            wall_us: 1_795_269_785_000_000,
+            synced: true,
+        };
+        Chunk::new(
+            DeviceId::new(device).unwrap(),
+            BootId([1; 16]),
+            sync,
+            records,
+        )
+        .unwrap()
+        .encode(6, &Limits::DEFAULT)
+        .unwrap()
+    }
+
+    /// A segment of `chunks` and its index, as the receiver writes them.
+    async fn put_segment(store: &Store, key: &str, chunks: &[Vec<u8>]) -> Vec<IndexEntry> {
+        let mut seg = Vec::new();
+        let mut idx = Vec::new();
+        let mut entries = Vec::new();
+        for c in chunks {
+            let full = Chunk::decode(c, &Limits::DEFAULT).unwrap();
+            let (lo, hi) = full.wall_range();
+            let e = IndexEntry {
+                device: full.id.device.to_string(),
+                boot: full.id.boot.to_string(),
+                first_seq: full.id.first_seq,
+                last_seq: full.id.last_seq,
+                records: full.records.len() as u32,
+                wall_min_us: lo,
+                wall_max_us: hi,
+                byte_offset: seg.len() as u64,
+                byte_len: c.len() as u64,
+            };
+            serde_json::to_writer(&mut idx, &e).unwrap();
+            idx.push(b'\n');
+            seg.extend_from_slice(c);
+            entries.push(e);
+        }
+        store.put(key, seg).await.unwrap();
+        store.put(&idx_key(key), idx).await.unwrap();
+        entries
+    }
+
+    fn seqs(reads: &[SourceRead]) -> Vec<(String, u64)> {
+        let mut scanner = Scanner::default();
+        let mut out = Vec::new();
+        for r in reads {
+            for c in &r.chunks {
+                scanner.chunk(c, &Filter::all(), |l| {
+                    out.push((l.fields.device.to_string(), l.fields.seq))
+                });
+            }
+        }
+        out
+    }
+
+    async fn read_all(store: &Store, hour: i64, filter: &Filter) -> Vec<SourceRead> {
+        let mut reads = Vec::new();
+        read_hours(
+            store,
+            &[hour],
+            filter,
+            &Limits::DEFAULT,
+            4,
+            &Progress::default(),
+            |r| reads.push(r),
+        )
+        .await
+        .unwrap();
+        reads
+    }
+
+    const HOUR: i64 = 498_686; // 2026-11-21T14
+
+    #[tokio::test]
+    async fn damage_is_named_and_the_rest_is_read() {
+        let store = Store::open("memory://").unwrap();
+        let p = raw_prefix(HOUR);
+        put_segment(
+            &store,
+            &format!("{p}r0-a.seg.gz"),
+            &[chunk("d1", 0, 5), chunk("d1", 5, 5), chunk("d2", 0, 5)],
+        )
+        .await;
+        // Flip one byte of the second chunk's deflate stream: its CRC fails.
+        let key = format!("{p}r0-a.seg.gz");
+        let mut bytes = store.get(&key).await.unwrap().to_vec();
+        let second = chunk("d1", 0, 5).len();
+        bytes[second + 100] ^= 0x55;
+        store.put(&key, bytes).await.unwrap();
+        // A second segment truncated mid-chunk, without an index.
+        let mut cut = chunk("d3", 0, 5);
+        let whole = cut.len();
+        cut.extend_from_slice(&chunk("d3", 5, 5)[..40]);
+        store.put(&format!("{p}r0-b.seg.gz"), cut).await.unwrap();
+        // A third whose index is garbage.
+        put_segment(&store, &format!("{p}r0-c.seg.gz"), &[chunk("d4", 0, 3)]).await;
+        store
+            .put(&format!("{p}r0-c.idx"), b"not json\n".to_vec())
+            .await
+            .unwrap();
+
+        let reads = read_all(&store, HOUR, &Filter::all()).await;
+        let problems: Vec<&String> = reads.iter().flat_map(|r| &r.problems).collect();
+        assert_eq!(problems.len(), 3, "{problems:?}");
+        assert!(
+            problems[0].starts_with(&format!("{p}r0-a.seg.gz at byte {second}")),
+            "{problems:?}"
+        );
+        assert!(
+            problems[1].starts_with(&format!("{p}r0-b.seg.gz")),
+            "{problems:?}"
+        );
+        assert!(
+            problems[2].starts_with(&format!("{p}r0-c.idx")),
+            "{problems:?}"
+        );
+        let got = seqs(&reads);
+        let want: Vec<(String, u64)> = (0..5)
+            .map(|s| ("d1".to_owned(), s))
+            .chain((0..5).map(|s| ("d2".to_owned(), s)))
+            .chain((0..5).map(|s| ("d3".to_owned(), s)))
+            .chain((0..3).map(|s| ("d4".to_owned(), s)))
+            .collect();
+        assert_eq!(got, want);
+        assert!(whole > 0);
+    }
+
+    #[tokio::test]
+    async fn device_and_time_filters_fetch_only_wanted_chunks() {
+        let store = Store::open("memory://").unwrap();
+        let p = raw_prefix(HOUR);
+        let key = format!("{p}r0-a.seg.gz");
+        let entries = put_segment(
+            &store,
+            &key,
+            &[chunk("d1", 0, 50), chunk("d2", 0, 50), chunk("d1", 50, 50)],
+        )
+        .await;
+        let filter = Filter {
+            devices: Some(["d1".to_owned()].into()),
+            since_us: entries[2].wall_min_us,
+            until_us: i64::MAX,
+        };
+        let reads = read_all(&store, HOUR, &filter).await;
+        assert_eq!(reads.len(), 1);
+        assert_eq!(reads[0].chunks.len(), 1, "only the third chunk is fetched");
+        let idx_len = store.get(&idx_key(&key)).await.unwrap().len() as u64;
+        assert_eq!(reads[0].fetched, idx_len + entries[2].byte_len);
+        assert_eq!(
+            seqs(&reads),
+            (50..100).map(|s| ("d1".to_owned(), s)).collect::<Vec<_>>()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_manifest_switches_readers_to_the_outputs() {
+        let store = Store::open("memory://").unwrap();
+        let (raw, comp) = (raw_prefix(HOUR), compact_prefix(HOUR));
+        put_segment(&store, &format!("{raw}r0-a.seg.gz"), &[chunk("d1", 0, 10)]).await;
+        put_segment(&store, &format!("{raw}r0-b.seg.gz"), &[chunk("d1", 5, 10)]).await;
+        // An output nobody names yet (a compaction that died before its manifest).
+        put_segment(
+            &store,
+            &format!("{comp}d-d1.g1.seg.gz"),
+            &[chunk("d1", 0, 15)],
+        )
+        .await;
+        let names = |s: Vec<Source>| s.into_iter().map(|s| s.key).collect::<Vec<_>>();
+        assert_eq!(names(hour_sources(&store, HOUR).await.unwrap()).len(), 2);
+        let m = Manifest {
+            version: 1,
+            generation: 1,
+            inputs: vec![format!("{raw}r0-a.seg.gz")],
+            outputs: vec![format!("{comp}d-d1.g1.seg.gz")],
+        };
+        store
+            .put(
+                &format!("{comp}{MANIFEST}"),
+                serde_json::to_vec(&m).unwrap(),
+            )
+            .await
+            .unwrap();
+        let sources = hour_sources(&store, HOUR).await.unwrap();
+        assert_eq!(sources[0].device.as_deref(), Some("d1"));
+        assert_eq!(
+            names(sources),
+            vec![format!("{comp}d-d1.g1.seg.gz"), format!("{raw}r0-b.seg.gz")]
+        );
+        let reads = read_all(&store, HOUR, &Filter::all()).await;
+        assert_eq!(
+            seqs(&reads),
+            (0..15).map(|s| ("d1".to_owned(), s)).collect::<Vec<_>>()
+        );
+        assert_eq!(
+            output_device("compact/x/y/d-cam-1.2.g12.seg.gz"),
+            Some("cam-1.2")
+        );
+    }
+
+    #[test]
+    fn lookback_hours() {
+        let lb = Lookback::default();
+        let t = HOUR * HOUR_US + 1;
+        assert_eq!(lb.hours(t, t + 1, t), vec![HOUR - 1, HOUR, HOUR + 1]);
+        let far = lb.hours(t - 100 * HOUR_US, t - 99 * HOUR_US, t);
+        assert_eq!((far[0], *far.last().unwrap()), (HOUR - 101, HOUR - 75));
+    }
+}

@@ -1,0 +1,404 @@
+//! `blackbox-server grind` as a process against stores filled by a real receiver.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use blackbox_protocol::SyncPoint;
+use blackbox_server::Store;
+use blackbox_server::grind::Event;
+use blackbox_server::timespec::now_us;
+use blackbox_tests::downstream::{
+    Rec, corpus_lines, encode, line_chunks, post, server_cmd, server_ok,
+};
+use blackbox_tests::harness::{Server, bin, wait_until};
+
+const S: i64 = 1_000_000;
+
+/// Every event under `prefix`, sorted.
+fn events(store: &str, prefix: &str) -> Vec<Event> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let st = Store::open(store).unwrap();
+        let mut out = Vec::new();
+        for k in st.list(prefix).await.unwrap() {
+            let bytes = st.get(&k).await.unwrap();
+            let mut text = String::new();
+            flate2::read::MultiGzDecoder::new(&bytes[..])
+                .read_to_string(&mut text)
+                .unwrap();
+            out.extend(
+                text.lines()
+                    .map(|l| serde_json::from_str::<Event>(l).unwrap()),
+            );
+        }
+        out.sort();
+        out
+    })
+}
+
+/// The corpus files as four devices, 100 lines a chunk, each chunk to one of two receivers
+/// (and every fifth chunk to both: stored twice). Returns the device → lines map.
+fn fill(r0: &Server, r1: &Server) -> BTreeMap<String, Vec<String>> {
+    let base = now_us() - 3600 * S;
+    let mut all = BTreeMap::new();
+    for (device, file) in [
+        ("dev-linux", "Linux_2k.log"),
+        ("dev-ssh", "OpenSSH_2k.log"),
+        ("dev-apache", "Apache_2k.log"),
+        ("dev-android", "Android_2k.log"),
+    ] {
+        let lines = corpus_lines(file);
+        let sync = SyncPoint {
+            mono_us: 0,
+            wall_us: base,
+            synced: true,
+        };
+        for (c, body) in line_chunks(device, 3, sync, &lines, 100)
+            .into_iter()
+            .enumerate()
+        {
+            let (url, other) = if c % 2 == 0 {
+                (r0.url(), r1.url())
+            } else {
+                (r1.url(), r0.url())
+            };
+            assert_eq!(post(&url, device, &body), Ok(201));
+            if c % 5 == 0 {
+                assert_eq!(
+                    post(&other, device, &body),
+                    Ok(201),
+                    "the second receiver stores it again"
+                );
+            }
+        }
+        all.insert(device.to_owned(), lines);
+    }
+    all
+}
+
+fn receivers(store: &str, dir: &std::path::Path) -> (Server, Server) {
+    let r0 = Server::start(store, vec![], &["--segment-max-age-ms", "30"], dir);
+    let r1 = Server::start(
+        store,
+        vec![],
+        &["--segment-max-age-ms", "30", "--receiver-id", "r1"],
+        dir,
+    );
+    (r0, r1)
+}
+
+const EXTRA_RULES: &str = r#"
+[[rule]]
+name = "apache_error"
+regex = '^\[[^\]]+\] \[error\] '
+
+[[rule]]
+name = "session_opened"
+regex = 'session opened for user (?P<user>\S+)'
+metric_labels = ["user"]
+"#;
+
+/// The rules applied to the corpus give the counts computed here with plain string functions.
+#[test]
+fn rules_on_the_corpus_give_independent_counts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = format!("file://{}", tmp.path().join("store").display());
+    let (r0, r1) = receivers(&store, tmp.path());
+    let corpus = fill(&r0, &r1);
+    let rules = tmp.path().join("rules.toml");
+    std::fs::write(
+        &rules,
+        format!("{}\n{EXTRA_RULES}", blackbox_server::rules::DEFAULT_RULES),
+    )
+    .unwrap();
+    server_ok(
+        &[
+            "grind",
+            "--store",
+            &store,
+            "--once",
+            "--from",
+            "-2h",
+            "--rules",
+            rules.to_str().unwrap(),
+        ],
+        &[],
+    );
+    let got = events(&store, "events/");
+    let mut by_name: BTreeMap<&str, usize> = BTreeMap::new();
+    for e in &got {
+        *by_name.entry(&e.name).or_default() += 1;
+    }
+    println!("events by name: {by_name:?}");
+
+    // Independent counts.
+    let lines = |d: &str| corpus[d].iter().map(String::as_str);
+    let all = || corpus.values().flatten().map(String::as_str);
+    let auth = all()
+        .filter(|l| {
+            l.contains("Failed password for ")
+                || (l.contains("authentication failure;") && l.contains("rhost="))
+        })
+        .count();
+    let apache_errors = lines("dev-apache")
+        .filter(|l| {
+            l.starts_with('[')
+                && l.find("] ")
+                    .is_some_and(|i| l[i + 2..].starts_with("[error] "))
+        })
+        .count();
+    let mut sessions: BTreeMap<String, usize> = BTreeMap::new();
+    for l in all() {
+        if let Some((_, rest)) = l.split_once("session opened for user ") {
+            let user = rest.split_whitespace().next().unwrap_or("");
+            *sessions.entry(user.to_owned()).or_default() += 1;
+        }
+    }
+    let mut failed_users: BTreeMap<String, usize> = BTreeMap::new();
+    for l in all() {
+        if let Some((_, rest)) = l.split_once("Failed password for ") {
+            let rest = rest.strip_prefix("invalid user ").unwrap_or(rest);
+            let user = rest.split(" from ").next().unwrap();
+            *failed_users.entry(user.to_owned()).or_default() += 1;
+        }
+    }
+    assert!(
+        auth > 100 && apache_errors > 100 && !sessions.is_empty(),
+        "{auth} {apache_errors} {sessions:?}"
+    );
+    assert_eq!(by_name.get("auth_failure").copied().unwrap_or(0), auth);
+    assert_eq!(
+        by_name.get("apache_error").copied().unwrap_or(0),
+        apache_errors
+    );
+    let mut got_sessions: BTreeMap<String, usize> = BTreeMap::new();
+    let mut got_users: BTreeMap<String, usize> = BTreeMap::new();
+    for e in &got {
+        if e.name == "session_opened" {
+            *got_sessions.entry(e.labels["user"].clone()).or_default() += 1;
+        }
+        if e.name == "auth_failure"
+            && let Some(u) = e.labels.get("user")
+        {
+            *got_users.entry(u.clone()).or_default() += 1;
+        }
+    }
+    assert_eq!(got_sessions, sessions);
+    assert_eq!(got_users, failed_users);
+    // Each event once, with its line's identity and time.
+    let mut ids: Vec<(&str, &str, u64)> = got
+        .iter()
+        .map(|e| (e.name.as_str(), e.device.as_str(), e.seq))
+        .collect();
+    ids.dedup();
+    assert_eq!(
+        ids.len(),
+        got.len(),
+        "no event twice (duplicates in storage dropped)"
+    );
+    for e in &got {
+        assert_eq!(corpus[&e.device][e.seq as usize], e.msg);
+    }
+}
+
+/// A grinder killed at every kind of point and restarted writes exactly the events of one
+/// uninterrupted run.
+#[test]
+fn killed_grinder_restarts_without_losing_or_doubling() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = format!("file://{}", tmp.path().join("store").display());
+    let (r0, r1) = receivers(&store, tmp.path());
+    fill(&r0, &r1);
+    let rules = tmp.path().join("rules.toml");
+    std::fs::write(
+        &rules,
+        format!("{}\n{EXTRA_RULES}", blackbox_server::rules::DEFAULT_RULES),
+    )
+    .unwrap();
+    let rules = rules.to_str().unwrap();
+    let args = |prefix: &str, extra: &[&str]| -> Vec<String> {
+        let mut args: Vec<String> = [
+            "grind",
+            "--store",
+            &store,
+            "--rules",
+            rules,
+            "--events-prefix",
+            &format!("{prefix}events/"),
+            "--checkpoint",
+            &format!("{prefix}checkpoint.json"),
+            "--parallel",
+            "2",
+            "--checkpoint-every-ms",
+            "0",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args
+    };
+    let grind = |prefix: &str, extra: &[&str]| {
+        let a = args(prefix, extra);
+        server_cmd(&a.iter().map(String::as_str).collect::<Vec<_>>(), &[])
+    };
+    assert!(grind("ref/", &["--once", "--from", "-2h"]).status.success());
+    let reference = events(&store, "ref/events/");
+    assert!(reference.len() > 500, "{} events", reference.len());
+
+    // Killed right after writing events (before the checkpoint says so), after a checkpoint,
+    // then by SIGKILL at an arbitrary moment, then allowed to finish.
+    let first = grind(
+        "crash/",
+        &["--once", "--from", "-2h", "--fault", "after-events-put:3"],
+    );
+    assert!(!first.status.success(), "the fault should have aborted it");
+    let second = grind("crash/", &["--once", "--fault", "after-checkpoint:4"]);
+    assert!(!second.status.success());
+    let third = grind("crash/", &["--once", "--fault", "after-events-put:7"]);
+    assert!(!third.status.success());
+    let mut child = Command::new(bin("blackbox-server"))
+        .args(args("crash/", &["--checkpoint-every-ms", "1000"]))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(400));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(grind("crash/", &["--once"]).status.success());
+    let after = events(&store, "crash/events/");
+    assert_eq!(after.len(), reference.len());
+    assert!(
+        after == reference,
+        "events differ from the uninterrupted run"
+    );
+}
+
+/// New chunks become events within about a second; a changed rules file applies to what comes
+/// next; `--metrics-listen` serves the counts; `--from` grinds history again with new rules.
+#[test]
+fn follows_reloads_counts_and_regrinds() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = format!("file://{}", tmp.path().join("store").display());
+    let server = Server::start(&store, vec![], &["--segment-max-age-ms", "50"], tmp.path());
+    let rules = tmp.path().join("rules.toml");
+    std::fs::write(&rules, blackbox_server::rules::DEFAULT_RULES).unwrap();
+    let port = blackbox_tests::harness::free_port();
+    let metrics = format!("127.0.0.1:{port}");
+    let mut grinder = Command::new(bin("blackbox-server"))
+        .args([
+            "grind",
+            "--store",
+            &store,
+            "--rules",
+            rules.to_str().unwrap(),
+            "--metrics-listen",
+            &metrics,
+        ])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(tmp.path().join("grind.log")).unwrap())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let sync = SyncPoint {
+        mono_us: 0,
+        wall_us: now_us(),
+        synced: true,
+    };
+    let msgs = [
+        "Out of memory: Killed process 812 (dnsmasq) total-vm:12345kB",
+        "eth0: Link is Down",
+        "custom thing happened: 42",
+    ];
+    let recs: Vec<Rec> = msgs
+        .iter()
+        .enumerate()
+        .map(|(i, m)| (i as u64, i as u64 * 1000, m.to_string()))
+        .collect();
+    let sent = Instant::now();
+    assert_eq!(
+        post(&server.url(), "dev-f", &encode("dev-f", 4, sync, &recs)),
+        Ok(201)
+    );
+    assert!(
+        wait_until(Duration::from_secs(20), || events(&store, "events/").len()
+            == 2),
+        "events did not appear; log:\n{}",
+        std::fs::read_to_string(tmp.path().join("grind.log")).unwrap_or_default()
+    );
+    println!(
+        "events written {:.2} s after the chunk was acknowledged",
+        sent.elapsed().as_secs_f64()
+    );
+
+    // A new rule applies to the next chunk.
+    let mut text = blackbox_server::rules::DEFAULT_RULES.to_owned();
+    text.push_str("\n[[rule]]\nname = \"custom\"\nregex = 'custom thing happened: (?P<n>\\d+)'\nmetric_labels = [\"n\"]\n");
+    std::fs::write(&rules, &text).unwrap();
+    std::thread::sleep(Duration::from_millis(1000));
+    let recs2: Vec<Rec> = msgs
+        .iter()
+        .enumerate()
+        .map(|(i, m)| (10 + i as u64, 10_000 + i as u64, m.to_string()))
+        .collect();
+    assert_eq!(
+        post(&server.url(), "dev-f", &encode("dev-f", 4, sync, &recs2)),
+        Ok(201)
+    );
+    assert!(wait_until(Duration::from_secs(20), || events(
+        &store, "events/"
+    )
+    .len()
+        == 5));
+    let ev = events(&store, "events/");
+    let names: Vec<(&str, u64)> = ev.iter().map(|e| (e.name.as_str(), e.seq)).collect();
+    assert!(
+        names.contains(&("custom", 12)) && !names.contains(&("custom", 2)),
+        "{names:?}"
+    );
+
+    let body = ureq::get(format!("http://{metrics}/metrics"))
+        .call()
+        .unwrap()
+        .into_body()
+        .read_to_string()
+        .unwrap();
+    for want in [
+        "blackbox_events_total{name=\"oom_kill\",process=\"dnsmasq\"} 2",
+        "blackbox_events_total{name=\"link_down\",iface=\"eth0\"} 2",
+        "blackbox_events_total{name=\"custom\",n=\"42\"} 1",
+        "blackbox_events_window{name=\"oom_kill\",process=\"dnsmasq\",window=\"5m\"} 2",
+        "blackbox_grind_objects_total 2",
+    ] {
+        assert!(body.contains(want), "{want} missing from\n{body}");
+    }
+    grinder.kill().unwrap();
+    grinder.wait().unwrap();
+
+    // Grinding history again with the new rules: the first chunk's custom line becomes an
+    // event too, and nothing is doubled.
+    server_ok(
+        &[
+            "grind",
+            "--store",
+            &store,
+            "--rules",
+            rules.to_str().unwrap(),
+            "--once",
+            "--from",
+            "-1h",
+        ],
+        &[],
+    );
+    let ev = events(&store, "events/");
+    let names: Vec<(&str, u64)> = ev.iter().map(|e| (e.name.as_str(), e.seq)).collect();
+    assert_eq!(names.len(), 6, "{names:?}");
+    assert!(names.contains(&("custom", 2)) && names.contains(&("custom", 12)));
+}
