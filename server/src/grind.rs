@@ -230,15 +230,21 @@ pub fn events_key(prefix: &str, src: &Source) -> String {
     format!("{prefix}{}/{name}.ndjson.gz", hour_path(src.hour))
 }
 
-/// Gzip of NDJSON lines of `events`.
-pub fn events_bytes(events: &[Event]) -> Vec<u8> {
+/// Gzip of NDJSON lines of `events`: serialised into memory, then compressed in one call (tiny
+/// writes into the encoder cost more than everything else the grinder does).
+pub fn events_bytes<'a>(events: impl IntoIterator<Item = &'a Event>) -> Vec<u8> {
     use std::io::Write;
-    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    let mut ndjson = Vec::new();
     for e in events {
         // Serialising plain strings and numbers into memory cannot fail.
-        let _ = serde_json::to_writer(&mut enc, e);
-        let _ = enc.write_all(b"\n");
+        let _ = serde_json::to_writer(&mut ndjson, e);
+        ndjson.push(b'\n');
     }
+    let mut enc = flate2::write::GzEncoder::new(
+        Vec::with_capacity(ndjson.len() / 4),
+        flate2::Compression::fast(),
+    );
+    let _ = enc.write_all(&ndjson);
     enc.finish().unwrap_or_default()
 }
 
@@ -417,7 +423,7 @@ impl Grinder {
     }
 
     /// Drops duplicates (by identity) from a ground source; returns its events in order.
-    fn dedupe(&mut self, g: &Ground) -> Vec<(Event, SeriesKey)> {
+    fn dedupe<'g>(&mut self, g: &'g Ground) -> Vec<&'g (u64, Event, SeriesKey)> {
         let mut out = Vec::new();
         for c in &g.chunks {
             self.stamps
@@ -432,7 +438,7 @@ impl Grinder {
                     for &s in &c.seqs {
                         runs.insert_run(s, s);
                     }
-                    out.extend(c.events.iter().map(|(_, e, k)| (e.clone(), k.clone())));
+                    out.extend(c.events.iter());
                 }
                 Overlap::Some => {
                     let mut new = BTreeSet::new();
@@ -441,16 +447,81 @@ impl Grinder {
                             new.insert(s);
                         }
                     }
-                    out.extend(
-                        c.events
-                            .iter()
-                            .filter(|(s, _, _)| new.contains(s))
-                            .map(|(_, e, k)| (e.clone(), k.clone())),
-                    );
+                    out.extend(c.events.iter().filter(|(s, _, _)| new.contains(s)));
                 }
             }
         }
         out
+    }
+
+    /// Counts the events of objects already ground in the last hour into the reducer's wall-time
+    /// windows, so the window gauges are right after a restart. Only objects the checkpoint
+    /// calls done count: the others are ground (and counted) again.
+    pub async fn seed_windows(&self, rules: &Rules) -> anyhow::Result<()> {
+        let mut labels: HashMap<&str, &[String]> = HashMap::new();
+        for r in rules.rules() {
+            labels
+                .entry(r.name.as_str())
+                .or_insert(r.metric_labels.as_slice());
+        }
+        let now = now_us();
+        let mut seeded = 0;
+        for hour in hour_of(now - HOUR_US) - 1..=hour_of(now) {
+            let done: Option<BTreeSet<String>> = match self.ckpt.hours.get(&hour) {
+                Some(h) => Some(
+                    h.done
+                        .iter()
+                        .map(|k| {
+                            let src = Source {
+                                key: k.clone(),
+                                hour,
+                                device: None,
+                            };
+                            events_key(&self.cfg.events_prefix, &src)
+                        })
+                        .collect(),
+                ),
+                None if hour < self.ckpt.next_hour => None,
+                None => continue,
+            };
+            let prefix = format!("{}{}/", self.cfg.events_prefix, hour_path(hour));
+            for key in self.store.list(&prefix).await? {
+                if done.as_ref().is_some_and(|d| !d.contains(&key)) {
+                    continue;
+                }
+                let Some(bytes) = get_opt(&self.store, &key).await? else {
+                    continue;
+                };
+                let mut text = String::new();
+                if let Err(e) = std::io::Read::read_to_string(
+                    &mut flate2::read::MultiGzDecoder::new(&bytes[..]),
+                    &mut text,
+                ) {
+                    tracing::warn!(key, error = %e, "events object does not decompress; not counted");
+                    continue;
+                }
+                for line in text.lines() {
+                    let Ok(e) = serde_json::from_str::<Event>(line) else {
+                        tracing::warn!(key, "an events line does not parse; not counted");
+                        continue;
+                    };
+                    let keep = labels.get(e.name.as_str()).copied().unwrap_or_default();
+                    let series = (
+                        e.name.clone(),
+                        keep.iter()
+                            .map(|k| (k.clone(), e.labels.get(k).cloned().unwrap_or_default()))
+                            .collect(),
+                    );
+                    self.reducer.seed(series, e.wall_us);
+                    seeded += 1;
+                }
+            }
+        }
+        tracing::info!(
+            events = seeded,
+            "wall-time windows seeded from the last hour's events"
+        );
+        Ok(())
     }
 
     async fn clear_hour(&mut self, hour: i64) -> anyhow::Result<()> {
@@ -562,15 +633,14 @@ impl Grinder {
             let events = self.dedupe(&g);
             let key = events_key(&self.cfg.events_prefix, &g.read.source);
             if !events.is_empty() {
-                let list: Vec<Event> = events.iter().map(|(e, _)| e.clone()).collect();
                 self.store
-                    .put(&key, events_bytes(&list))
+                    .put(&key, events_bytes(events.iter().map(|(_, e, _)| e)))
                     .await
                     .with_context(|| format!("writing events {key}"))?;
                 self.fault("after-events-put");
             }
-            for (e, series) in events {
-                self.reducer.event(series, e.wall_us);
+            for (_, e, series) in events {
+                self.reducer.event(series.clone(), e.wall_us);
             }
             let lines: u64 = g.chunks.iter().map(|c| c.seqs.len() as u64).sum();
             let bad: u64 =
@@ -611,6 +681,9 @@ pub async fn run(store: Store, cfg: GrindConfig, reducer: Arc<Reducer>) -> anyho
     let once = cfg.once;
     let poll = cfg.poll;
     let mut g = Grinder::open(store, cfg, reducer).await?;
+    if let Err(e) = g.seed_windows(&rules.current()).await {
+        tracing::warn!(error = %format!("{e:#}"), "cannot seed the metrics windows from the stored events");
+    }
     loop {
         let r = rules.current();
         let idle = g.step(&r).await?;

@@ -81,6 +81,17 @@ impl Reducer {
             .or_default() += 1;
     }
 
+    /// Counts an event ground before this process started into the windows only (the totals
+    /// count what this process ground).
+    pub fn seed(&self, key: SeriesKey, wall_us: i64) {
+        let mut s = self.lock();
+        *s.minutes
+            .entry(key)
+            .or_default()
+            .entry(wall_us.div_euclid(MINUTE_US))
+            .or_default() += 1;
+    }
+
     /// Counts one object ground: its lines, inflated bytes, damage found, and how long after it
     /// was stored it was ground (µs), when known.
     pub fn object(&self, lines: u64, bytes: u64, problems: u64, lag_us: Option<i64>) {

@@ -401,4 +401,31 @@ fn follows_reloads_counts_and_regrinds() {
     let names: Vec<(&str, u64)> = ev.iter().map(|e| (e.name.as_str(), e.seq)).collect();
     assert_eq!(names.len(), 6, "{names:?}");
     assert!(names.contains(&("custom", 2)) && names.contains(&("custom", 12)));
+
+    // A restarted grinder's windows count what was ground before it started.
+    let mut again = Command::new(bin("blackbox-server"))
+        .args([
+            "grind",
+            "--store",
+            &store,
+            "--rules",
+            rules.to_str().unwrap(),
+            "--metrics-listen",
+            &metrics,
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let want = "blackbox_events_window{name=\"oom_kill\",process=\"dnsmasq\",window=\"1h\"} 2";
+    let served = wait_until(Duration::from_secs(20), || {
+        ureq::get(format!("http://{metrics}/metrics"))
+            .call()
+            .ok()
+            .and_then(|r| r.into_body().read_to_string().ok())
+            .is_some_and(|b| b.contains(want))
+    });
+    again.kill().unwrap();
+    again.wait().unwrap();
+    assert!(served, "{want} not served after a restart");
 }

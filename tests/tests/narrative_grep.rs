@@ -5,7 +5,7 @@
 use blackbox_protocol::SyncPoint;
 use blackbox_server::timespec::{now_us, rfc3339};
 use blackbox_tests::downstream::{
-    Rec, corpus_lines, encode, local_segments, post, server_ok, zcat_grep,
+    Rec, corpus_lines, encode, line_chunks, local_segments, post, server_ok, zcat_grep,
 };
 use blackbox_tests::harness::Server;
 use blackbox_tests::s3::Weed;
