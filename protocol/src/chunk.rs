@@ -247,7 +247,7 @@ impl Chunk {
         header: &ChunkHeader,
         limits: &Limits,
     ) -> Result<Self, DecodeError> {
-        let raw = inflate_checked(bytes, header, limits)?;
+        let raw = inflate_checked(bytes, header, limits, inflate_exact)?;
         let records = parse_lines(&raw, header, limits)?;
         Ok(Self {
             id: header.id.clone(),
@@ -261,8 +261,20 @@ impl Chunk {
     /// header and the inflated payload (one JSON line per record, each ending in `\n`), for
     /// readers that scan lines themselves. The lines are *not* checked.
     pub fn inflate(bytes: &[u8], limits: &Limits) -> Result<(ChunkHeader, Vec<u8>), DecodeError> {
+        Self::inflate_with(bytes, limits, inflate_exact)
+    }
+
+    /// [`Chunk::inflate`] with another inflater (a faster one where std is available). Every
+    /// check stays here; `inflater(deflated, raw_len)` must return exactly `raw_len` bytes
+    /// inflated from all of `deflated`, writing no more than `raw_len` (the bomb guard), or an
+    /// error.
+    pub fn inflate_with(
+        bytes: &[u8],
+        limits: &Limits,
+        inflater: impl FnOnce(&[u8], usize) -> Result<Vec<u8>, DecodeError>,
+    ) -> Result<(ChunkHeader, Vec<u8>), DecodeError> {
         let header = ChunkHeader::parse(bytes)?;
-        let raw = inflate_checked(bytes, &header, limits)?;
+        let raw = inflate_checked(bytes, &header, limits, inflater)?;
         Ok((header, raw))
     }
 }
@@ -272,6 +284,7 @@ fn inflate_checked(
     bytes: &[u8],
     header: &ChunkHeader,
     limits: &Limits,
+    inflater: impl FnOnce(&[u8], usize) -> Result<Vec<u8>, DecodeError>,
 ) -> Result<Vec<u8>, DecodeError> {
     if header.record_count > limits.max_records {
         return Err(DecodeError::LimitExceeded {
@@ -312,7 +325,14 @@ fn inflate_checked(
     let trailer = bytes.get(end..).ok_or(DecodeError::Truncated {
         what: "gzip trailer",
     })?;
-    let raw = inflate_exact(deflated, header.raw_len as usize)?;
+    let raw = inflater(deflated, header.raw_len as usize)?;
+    if raw.len() != header.raw_len as usize {
+        return Err(DecodeError::SizeMismatch {
+            what: "inflated size",
+            declared: header.raw_len.into(),
+            actual: raw.len() as u64,
+        });
+    }
     let (crc, isize) = match trailer {
         [a, b, c, d, e, f, g, h] => (
             u32::from_le_bytes([*a, *b, *c, *d]),

@@ -292,20 +292,23 @@ fn follows_reloads_counts_and_regrinds() {
     std::fs::write(&rules, blackbox_server::rules::DEFAULT_RULES).unwrap();
     let port = blackbox_tests::harness::free_port();
     let metrics = format!("127.0.0.1:{port}");
-    let mut grinder = Command::new(bin("blackbox-server"))
-        .args([
-            "grind",
-            "--store",
-            &store,
-            "--rules",
-            rules.to_str().unwrap(),
-            "--metrics-listen",
-            &metrics,
-        ])
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(tmp.path().join("grind.log")).unwrap())
-        .spawn()
-        .unwrap();
+    let log = tmp.path().join("grind.log");
+    let follower = || {
+        Command::new(bin("blackbox-server"))
+            .args([
+                "grind",
+                "--store",
+                &store,
+                "--rules",
+                rules.to_str().unwrap(),
+            ])
+            .args(["--metrics-listen", &metrics])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap()
+    };
+    let mut grinder = follower();
     std::thread::sleep(Duration::from_millis(1500));
     let sync = SyncPoint {
         mono_us: 0,
@@ -331,7 +334,7 @@ fn follows_reloads_counts_and_regrinds() {
         wait_until(Duration::from_secs(20), || events(&store, "events/").len()
             == 2),
         "events did not appear; log:\n{}",
-        std::fs::read_to_string(tmp.path().join("grind.log")).unwrap_or_default()
+        std::fs::read_to_string(&log).unwrap_or_default()
     );
     println!(
         "events written {:.2} s after the chunk was acknowledged",
@@ -403,20 +406,7 @@ fn follows_reloads_counts_and_regrinds() {
     assert!(names.contains(&("custom", 2)) && names.contains(&("custom", 12)));
 
     // A restarted grinder's windows count what was ground before it started.
-    let mut again = Command::new(bin("blackbox-server"))
-        .args([
-            "grind",
-            "--store",
-            &store,
-            "--rules",
-            rules.to_str().unwrap(),
-            "--metrics-listen",
-            &metrics,
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut again = follower();
     let want = "blackbox_events_window{name=\"oom_kill\",process=\"dnsmasq\",window=\"1h\"} 2";
     let served = wait_until(Duration::from_secs(20), || {
         ureq::get(format!("http://{metrics}/metrics"))
