@@ -127,20 +127,19 @@ pub(crate) fn run(args: QemuArgs) -> Result<()> {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
+    let pstore = image::has_pstore(board, q);
     let env = [
         ("MODE", mode.to_owned()),
         ("BOARD", board.name.to_owned()),
         ("DEVICE", device.clone()),
         ("SERVER", format!("https://10.0.2.2:{port}")),
         ("SCRATCH", format!("{:#x}", q.scratch.addr)),
+        ("PSTORE", u8::from(pstore).to_string()),
         ("LINES", args.lines.to_string()),
         ("RATE", args.rate.to_string()),
         ("SECS", args.secs.to_string()),
         ("NOW", now.to_string()),
     ];
-    let pstore = image::has_pstore(board, q);
-    let mut env = env.to_vec();
-    env.push(("PSTORE", u8::from(pstore).to_string()));
     let img = image::assemble(
         board,
         q,
@@ -281,8 +280,9 @@ pub(crate) fn run(args: QemuArgs) -> Result<()> {
             println!("    boot 2: {b2}");
         }
         let c = Check::run(dump, boot, &store, &order, &early);
-        let no_pstore = (!args.panic).then_some("no panic").or((!pstore)
-            .then_some("the stock kernel has no pstore"));
+        let no_pstore = (!args.panic)
+            .then_some("no panic")
+            .or((!pstore).then_some("the stock kernel has no pstore"));
         c.print(no_pstore);
         failures.extend(c.failures(pstore && args.panic));
         if args.panic && serial.boots.len() < 2 {
