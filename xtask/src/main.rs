@@ -112,6 +112,21 @@ where
 {
     let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     cmd.args(args).current_dir(project_root());
+    // `cargo run` gave xtask its own package's variables. ring's build script reruns when
+    // CARGO_MANIFEST_DIR or CARGO_PKG_NAME change, so passing them on would rebuild ring (and
+    // everything above it) whenever builds alternate between xtask and a shell.
+    for (key, _) in std::env::vars_os() {
+        let k = key.to_string_lossy();
+        if k.starts_with("CARGO_PKG_")
+            || k.starts_with("CARGO_MANIFEST_")
+            || matches!(
+                &*k,
+                "CARGO_CRATE_NAME" | "CARGO_BIN_NAME" | "CARGO_PRIMARY_PACKAGE"
+            )
+        {
+            cmd.env_remove(&key);
+        }
+    }
     cmd
 }
 

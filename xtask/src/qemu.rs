@@ -60,6 +60,9 @@ pub(crate) struct QemuArgs {
     /// Give up after this many seconds of QEMU.
     #[arg(long, default_value_t = 600)]
     timeout: u64,
+    /// Boot this agent binary (built for the guest's CPU) instead of building one.
+    #[arg(long, value_name = "PATH")]
+    agent: Option<PathBuf>,
 }
 
 /// The QEMU board whose agent target is for `arch`.
@@ -116,7 +119,10 @@ pub(crate) fn run(args: QemuArgs) -> Result<()> {
     apt::ensure_programs(&tools)?;
     // Debug builds: CI's tests have built them already, and the host side is not measured.
     let bin = build_host(&["blackbox-server", "blackbox-agent"], false)?;
-    let agent = dist::build_agent(board.rust_target)?;
+    let agent = match &args.agent {
+        Some(path) => project_root().join(path),
+        None => dist::build_agent(board.rust_target)?,
+    };
 
     let tls = ServerTls::init(&bin, &dir.join("tls"))?;
     let device = format!("qemu-{}", args.arch);
@@ -127,20 +133,19 @@ pub(crate) fn run(args: QemuArgs) -> Result<()> {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
+    let pstore = image::has_pstore(board, q);
     let env = [
         ("MODE", mode.to_owned()),
         ("BOARD", board.name.to_owned()),
         ("DEVICE", device.clone()),
         ("SERVER", format!("https://10.0.2.2:{port}")),
         ("SCRATCH", format!("{:#x}", q.scratch.addr)),
+        ("PSTORE", u8::from(pstore).to_string()),
         ("LINES", args.lines.to_string()),
         ("RATE", args.rate.to_string()),
         ("SECS", args.secs.to_string()),
         ("NOW", now.to_string()),
     ];
-    let pstore = image::has_pstore(board, q);
-    let mut env = env.to_vec();
-    env.push(("PSTORE", u8::from(pstore).to_string()));
     let img = image::assemble(
         board,
         q,
@@ -235,14 +240,8 @@ pub(crate) fn run(args: QemuArgs) -> Result<()> {
                 }
                 continue;
             };
-            let c = Check::run(
-                dump,
-                boot,
-                &store,
-                &order,
-                early.as_ref().unwrap_or(&HashSet::new()),
-            );
-            (!args.panic || serial.boots.len() >= 2) && c.complete(pstore)
+            let c = Check::run(dump, boot, &store, &order, early.as_ref());
+            (!args.panic || serial.boots.len() >= 2) && c.complete(pstore && args.panic)
         };
         if done {
             let at = *complete_at.get_or_insert_with(Instant::now);
@@ -261,7 +260,6 @@ pub(crate) fn run(args: QemuArgs) -> Result<()> {
     println!();
     let serial = Serial::read(&logs.serial);
     let order = store.refresh(&store_dir)?;
-    let early = early.unwrap_or_default();
     let mut failures = match &outcome {
         Outcome::Done => Vec::new(),
         other => vec![other.to_string()],
@@ -280,7 +278,7 @@ pub(crate) fn run(args: QemuArgs) -> Result<()> {
         if let Some(b2) = serial.boots.get(1) {
             println!("    boot 2: {b2}");
         }
-        let c = Check::run(dump, boot, &store, &order, &early);
+        let c = Check::run(dump, boot, &store, &order, early.as_ref());
         let no_pstore = (!args.panic)
             .then_some("no panic")
             .or((!pstore).then_some("the stock kernel has no pstore"));
@@ -451,5 +449,6 @@ pub(crate) fn ci(arch: &str) -> Result<()> {
         rate: 1000,
         secs: 60,
         timeout: 600,
+        agent: None,
     })
 }

@@ -252,23 +252,26 @@ pub(crate) struct Check {
     pub(crate) pstore_lines: usize,
     /// The panic line among them.
     pub(crate) pstore_panic: Option<String>,
-    /// Boot 1 kmsg records in segments stored before the second boot started, and after.
+    /// Boot 1 kmsg records in segments stored before the second boot started, and after
+    /// (when there was one).
     pub(crate) before_reboot: usize,
     pub(crate) after_reboot: usize,
+    pub(crate) rebooted: bool,
 }
 
 impl Check {
-    /// Compares; `early` are the segments that were there before the second boot began.
-    /// A pstore line counts as a copy of the dumped record with its time and text.
+    /// Compares; `early` are the segments that were there before the second boot began, if
+    /// there was one. A pstore line counts as a copy of the dumped record with its time and text.
     pub(crate) fn run(
         dump: &[KmsgLine],
         boot1: &str,
         store: &Store,
         order: &[PathBuf],
-        early: &HashSet<PathBuf>,
+        early: Option<&HashSet<PathBuf>>,
     ) -> Self {
         let mut c = Check {
             marker_dumped: dump.iter().any(|r| r.msg.contains(MARKER)),
+            rebooted: early.is_some(),
             ..Check::default()
         };
         let by_seq: HashMap<u64, &KmsgLine> = dump.iter().map(|r| (r.seq, r)).collect();
@@ -310,7 +313,7 @@ impl Check {
                     continue;
                 }
             }
-            if early.contains(segment) {
+            if early.is_none_or(|e| e.contains(segment)) {
                 c.before_reboot += 1;
             } else {
                 c.after_reboot += 1;
@@ -446,11 +449,13 @@ impl Check {
         );
         row("kernel lines", &self.kernel);
         row("app lines", &self.apps);
-        println!(
-            "    marker stored {} time(s); boot 1 records from the ring uploaded before the \
-             reboot: {}, after: {}",
-            self.marker, self.before_reboot, self.after_reboot
-        );
+        println!("    marker stored {} time(s)", self.marker);
+        if self.rebooted {
+            println!(
+                "    boot 1 records from the ring uploaded before the reboot: {}, after: {}",
+                self.before_reboot, self.after_reboot
+            );
+        }
         if self.after_dump > 0 {
             println!(
                 "    {} record(s) of boot 1 written after the copy (the crash's first line)",
@@ -574,7 +579,7 @@ mod tests {
             ],
         );
         let order = [a.clone(), b];
-        let c = Check::run(&dump, "B1", &store, &order, &HashSet::from([a]));
+        let c = Check::run(&dump, "B1", &store, &order, Some(&HashSet::from([a])));
         assert_eq!(
             (c.kernel.expected, c.kernel.stored, c.kernel.missing),
             (1, 1, 0)
