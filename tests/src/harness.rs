@@ -23,7 +23,8 @@ pub fn bin(name: &str) -> PathBuf {
     static BUILT: OnceLock<()> = OnceLock::new();
     BUILT.get_or_init(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let st = Command::new(cargo)
+        let mut build = Command::new(cargo);
+        build
             .args([
                 "build",
                 "--quiet",
@@ -32,9 +33,17 @@ pub fn bin(name: &str) -> PathBuf {
                 "-p",
                 "blackbox-agent",
             ])
-            .current_dir(root())
-            .status()
-            .expect("running cargo build");
+            .current_dir(root());
+        // Cargo sets these for the test binary. ring's build script tracks several of them, so
+        // passing them on made this build (and the next plain `cargo build` after it) rebuild
+        // ring and everything above it.
+        for (k, _) in std::env::vars_os() {
+            let k = k.to_string_lossy();
+            if k.starts_with("CARGO_PKG_") || k.starts_with("CARGO_MANIFEST_") {
+                build.env_remove(&*k);
+            }
+        }
+        let st = build.status().expect("running cargo build");
         assert!(st.success(), "building the binaries failed");
     });
     let target = std::env::var("CARGO_TARGET_DIR")
