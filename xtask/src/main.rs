@@ -6,11 +6,14 @@
 //! - `cargo xtask install-test-deps`: only the SeaweedFS and DuckDB installs; prints the `weed` path.
 //! - `cargo xtask run`: builds the server and the agent and runs both on this machine, storing
 //!   into `./blackbox-data`, until Ctrl-C.
+//! - `cargo xtask flood`: the fibre-repair load test of the receiver, with an nginx baseline.
 //!
 //! Every command is an argument vector (never a shell string) and every path is anchored at
 //! [`project_root`], so the result does not depend on the directory you start from.
 
+mod apt;
 mod dist;
+mod flood;
 mod run;
 mod test;
 mod tools;
@@ -40,6 +43,9 @@ enum Cmd {
     Dist(DistArgs),
     /// Build and run blackbox-server and blackbox-agent on this machine until Ctrl-C.
     Run(run::RunArgs),
+    /// Flood the receiver with 10,000 devices back from an outage; print throughput, the 503
+    /// share, peak RSS and the nginx baseline; check every chunk is stored exactly once.
+    Flood(flood::FloodArgs),
 }
 
 #[derive(clap::Args)]
@@ -73,6 +79,7 @@ fn try_main() -> Result<()> {
             Ok(())
         }
         Cmd::Run(args) => run::run(args),
+        Cmd::Flood(args) => flood::run(args),
         Cmd::Dist(args) => {
             let targets = if args.targets.is_empty() {
                 dist::AGENT_TARGETS.iter().map(|t| t.to_string()).collect()
