@@ -7,6 +7,7 @@
 //! - `cargo xtask run`: builds the server and the agent and runs both on this machine, storing
 //!   into `./blackbox-data`, until Ctrl-C.
 //! - `cargo xtask flood`: the fibre-repair load test of the receiver, with an nginx baseline.
+//! - `cargo xtask image`: the receiver's container image (no Docker daemon needed), run once.
 //!
 //! Every command is an argument vector (never a shell string) and every path is anchored at
 //! [`project_root`], so the result does not depend on the directory you start from.
@@ -14,6 +15,7 @@
 mod apt;
 mod dist;
 mod flood;
+mod image;
 mod run;
 mod test;
 mod tools;
@@ -46,6 +48,8 @@ enum Cmd {
     /// Flood the receiver with 10,000 devices back from an outage; print throughput, the 503
     /// share, peak RSS and the nginx baseline; check every chunk is stored exactly once.
     Flood(flood::FloodArgs),
+    /// Build the receiver's container image with buildah (no daemon) and run it.
+    Image,
 }
 
 #[derive(clap::Args)]
@@ -80,6 +84,7 @@ fn try_main() -> Result<()> {
         }
         Cmd::Run(args) => run::run(args),
         Cmd::Flood(args) => flood::run(args),
+        Cmd::Image => image::run(),
         Cmd::Dist(args) => {
             let targets = if args.targets.is_empty() {
                 dist::AGENT_TARGETS.iter().map(|t| t.to_string()).collect()
