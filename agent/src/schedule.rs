@@ -4,8 +4,9 @@
 //!   together does not upload together).
 //! - After a success: the interval ± jitter.
 //! - After any failure (no network, refused, timeout, 5xx, 503): back off, doubling from
-//!   `min_backoff`, but never waiting longer than the normal interval. A server's Retry-After is
-//!   honoured within that same cap.
+//!   `min_backoff`, but never waiting longer than the normal interval, with up to a quarter of
+//!   random spread (below the cap, spread down from it). A server's Retry-After is honoured
+//!   within that same cap.
 
 /// Upload timing state. All times in milliseconds.
 #[derive(Debug, Clone)]
@@ -52,10 +53,16 @@ impl Schedule {
         } else {
             self.backoff_ms.saturating_mul(2).min(self.interval_ms)
         };
-        // Up to a quarter of the backoff as random spread, still within the cap.
+        // Up to a quarter of the backoff as random spread, still within the cap: added below
+        // the cap, taken off at it. (Clipping it at the cap would make every device of a fleet
+        // that lost the network together retry in the same instant, outage after outage.)
         let spread = scale(self.backoff_ms / 4, r);
-        let wait = (self.backoff_ms + spread).max(retry_after_ms.unwrap_or(0));
-        wait.min(self.interval_ms)
+        let wait = if self.backoff_ms + spread <= self.interval_ms {
+            self.backoff_ms + spread
+        } else {
+            self.interval_ms - spread
+        };
+        wait.max(retry_after_ms.unwrap_or(0)).min(self.interval_ms)
     }
 }
 
@@ -84,6 +91,23 @@ mod tests {
         // Success resets.
         assert!((55_000..=65_000).contains(&s.after_success(u32::MAX)));
         assert_eq!(s.after_failure(None, 0), 1_000);
+    }
+
+    /// A fleet that failed together (an outage) and sits at the cap does not retry in
+    /// lockstep: the spread is taken off the cap, so the waits still differ.
+    #[test]
+    fn at_the_cap_waits_still_spread() {
+        let mut s = Schedule::new(60_000, 5_000, 1_000);
+        for _ in 0..20 {
+            s.after_failure(None, 0);
+        }
+        let waits: alloc::vec::Vec<u64> = [0, u32::MAX / 2, u32::MAX]
+            .iter()
+            .map(|r| s.after_failure(None, *r))
+            .collect();
+        assert_eq!(waits[0], 60_000);
+        assert!((52_000..=53_000).contains(&waits[1]), "{waits:?}");
+        assert!((45_000..=45_100).contains(&waits[2]), "{waits:?}");
     }
 
     proptest::proptest! {

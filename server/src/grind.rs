@@ -37,8 +37,8 @@ use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
 use crate::dedup::{Overlap, Runs, Seen};
-use crate::metrics::{Reducer, SeriesKey};
 use crate::reader::{self, Decoded, Filter, Source, SourceRead, get_opt};
+use crate::reducer::{Reducer, SeriesKey};
 use crate::rules::Rules;
 use crate::scan;
 use crate::store::Store;

@@ -2,14 +2,19 @@
 //!
 //! The receiving path, left to right:
 //!
-//! - [`receive`]: the axum router. Load shedding first (a fixed number of in-flight requests;
-//!   over it, 503 + Retry-After at once), then the device identity (from the verified client
-//!   certificate, [`tls`], checked against the [`allowlist`] and the [`devices`] seen), the body read with a size
-//!   limit and a timeout, and [`blackbox_protocol::Chunk::decode`], the one checked parse.
+//! - [`accept`]: the accept loop (HTTPS with device certificates, or plain HTTP in development):
+//!   a connection limit, the handshake and header timeouts, the graceful drain on SIGTERM.
+//! - [`receive`]: the axum router. Load shedding first (draining, a fixed number of in-flight
+//!   requests, a byte budget for bodies; over any, 503 + Retry-After at once), then the device
+//!   identity (from the verified client certificate, [`tls`], checked against the [`allowlist`]
+//!   and the [`devices`] seen), the body read with a size limit and a minimum rate, and
+//!   [`blackbox_protocol::Chunk::decode`], the one checked parse. Its module doc lists what
+//!   bounds the receiver's memory.
 //! - [`segment`]: group commit. Valid chunks go to one committer task that appends them to the
 //!   open segment and writes it as one object at 16 MiB or 1 s, then its index object, and only
 //!   then acknowledges every chunk in it. It also recognises retries by chunk identity.
 //! - [`store`]: the object store from a URL (`file://` default, `s3://`, `memory://`).
+//! - [`metrics`]: the counters behind `GET /metrics` (Prometheus text) on the operator's port.
 //!
 //! Guarantee: a 2xx answer means the chunk is durably in the store. Anything else means it may
 //! not be, and the agent keeps it and retries.
@@ -24,11 +29,12 @@
 //!   parses `--since`/`--until`.
 //! - [`narrative`]: some devices' exact lines in a range, merged by wall time.
 //! - [`grep`]: time-bounded, device-filtered, parallel search with ordered output.
-//! - [`grind`] with [`rules`] and [`metrics`]: regex rules turn new lines into events objects,
+//! - [`grind`] with [`rules`] and [`reducer`]: regex rules turn new lines into events objects,
 //!   exactly once across restarts (checkpoint object), counted for Prometheus.
 //! - [`compact`]: an hour's segments into one object per device, switched by a manifest.
 #![forbid(unsafe_code)]
 
+pub mod accept;
 pub mod allowlist;
 pub mod compact;
 pub mod dedup;
@@ -39,6 +45,7 @@ pub mod metrics;
 pub mod narrative;
 pub mod reader;
 pub mod receive;
+pub mod reducer;
 pub mod rules;
 pub mod scan;
 pub mod segment;
@@ -46,6 +53,7 @@ pub mod store;
 pub mod timespec;
 pub mod tls;
 
-pub use receive::{AppState, Auth, ReceiveConfig, app};
+pub use metrics::Metrics;
+pub use receive::{AppState, Auth, ReceiveConfig, app, ops_app};
 pub use segment::{Committer, SegmentConfig};
 pub use store::Store;

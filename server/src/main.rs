@@ -6,11 +6,12 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use blackbox_protocol::{DeviceId, Fingerprint};
+use blackbox_server::accept::{self, ServeConfig};
 use blackbox_server::allowlist::{self, AllowlistFile};
 use blackbox_server::devices::{self, Registry};
 use blackbox_server::{
-    AppState, Auth, Committer, ReceiveConfig, SegmentConfig, Store, app, compact, grep, grind,
-    narrative, reader, timespec, tls,
+    AppState, Auth, Committer, Metrics, ReceiveConfig, SegmentConfig, Store, app, compact, grep,
+    grind, narrative, ops_app, reader, timespec, tls,
 };
 use clap::{Parser, Subcommand};
 
@@ -28,7 +29,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Receive chunks over HTTPS from allowlisted devices and group-commit them into segments.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Make the server's TLS certificate.
     #[command(subcommand)]
     Tls(TlsCmd),
@@ -269,9 +270,37 @@ struct ServeArgs {
     /// This receiver's name, part of every object key.
     #[arg(long, default_value = "r0")]
     receiver_id: String,
-    /// Requests handled at once; more are answered 503 + Retry-After.
-    #[arg(long, default_value_t = 1024)]
+    /// Serve GET /metrics (Prometheus text) and GET /healthz on this address, over plain HTTP
+    /// and without client certificates (e.g. 127.0.0.1:9464, or 0.0.0.0:9464 in a container).
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
+    /// Requests being received and checked at once; more are answered 503 + Retry-After
+    /// (by default as many as connections: a device that got a connection is served).
+    #[arg(long, default_value_t = ReceiveConfig::default().max_inflight)]
     max_inflight: usize,
+    /// Connections open at once; more are closed right after accept, before any TLS work (the
+    /// cheapest way to shed a flood of devices).
+    #[arg(long, default_value_t = ServeConfig::default().max_connections)]
+    max_connections: usize,
+    /// Bytes of request bodies in memory at once; a request whose declared length does not fit
+    /// is answered 503 + Retry-After before its body is read.
+    #[arg(long, default_value_t = ReceiveConfig::default().body_budget)]
+    body_budget: usize,
+    /// Chunks decoded at once (default: one per CPU).
+    #[arg(long)]
+    decoders: Option<usize>,
+    /// Slowest accepted body rate in bytes per second (after a 5 s grace); slower uploads are
+    /// cut off with 408.
+    #[arg(long, default_value_t = ReceiveConfig::default().min_body_rate)]
+    min_body_rate: u32,
+    /// Seconds in-flight uploads get to finish after SIGTERM.
+    #[arg(long, default_value_t = 30)]
+    drain_timeout: u64,
+    /// Seconds a client has to send a request's headers, from connecting or from the previous
+    /// answer: idle keep-alive connections are closed after it (keep it below a load
+    /// balancer's idle timeout).
+    #[arg(long, default_value_t = 10)]
+    header_timeout: u64,
     /// Largest request body in bytes.
     #[arg(long, default_value_t = 2 << 20)]
     max_body: usize,
@@ -307,7 +336,7 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     match cli.cmd {
-        Cmd::Serve(a) => rt.block_on(serve(a)),
+        Cmd::Serve(a) => rt.block_on(serve(*a)),
         Cmd::Tls(TlsCmd::Init { dir, names, force }) => tls_init(&dir, names, force),
         Cmd::Devices(d) => devices_cmd(d),
         Cmd::Narrative(a) => rt.block_on(narrative_cmd(a)),
@@ -377,13 +406,13 @@ async fn grind_cmd(a: GrindArgs) -> anyhow::Result<()> {
     if let Some(p) = a.parallel {
         cfg.parallel = p;
     }
-    let reducer = Arc::new(blackbox_server::metrics::Reducer::default());
+    let reducer = Arc::new(blackbox_server::reducer::Reducer::default());
     if let Some(addr) = a.metrics_listen {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("binding {addr}"))?;
         tracing::info!(listen = %listener.local_addr()?, "serving /metrics");
-        tokio::spawn(blackbox_server::metrics::serve(listener, reducer.clone()));
+        tokio::spawn(blackbox_server::reducer::serve(listener, reducer.clone()));
     }
     tokio::select! {
         r = grind::run(store, cfg, reducer) => r,
@@ -580,6 +609,7 @@ fn print_seen(rows: &[devices::Seen]) {
 }
 
 async fn serve(a: ServeArgs) -> anyhow::Result<()> {
+    raise_fd_limit(a.max_connections);
     let store = Store::open(&a.store)?;
     let seg_cfg = SegmentConfig {
         receiver: a.receiver_id,
@@ -589,7 +619,8 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         fault: a.fault,
         ..SegmentConfig::default()
     };
-    let (committer, task) = Committer::start(store.clone(), seg_cfg)
+    let metrics = Arc::new(Metrics::default());
+    let (committer, task) = Committer::start_with_metrics(store.clone(), seg_cfg, metrics.clone())
         .await
         .context("recovering from the store")?;
     let limits = blackbox_protocol::Limits {
@@ -599,11 +630,40 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     let rcfg = ReceiveConfig {
         max_body: a.max_body,
         max_inflight: a.max_inflight,
+        body_budget: a.body_budget,
+        decoders: a
+            .decoders
+            .unwrap_or_else(blackbox_server::receive::default_decoders),
+        min_body_rate: a.min_body_rate,
         retry_after_secs: a.retry_after,
         limits,
         ..ReceiveConfig::default()
     };
-    let state = AppState::new(committer, rcfg);
+    let serve_cfg = ServeConfig {
+        max_connections: a.max_connections,
+        drain_timeout: Duration::from_secs(a.drain_timeout),
+        header_timeout: Duration::from_secs(a.header_timeout.max(1)),
+        ..ServeConfig::default()
+    };
+    let state = AppState::new(committer.clone(), rcfg);
+    if let Some(addr) = a.metrics_listen {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding --metrics-listen {addr}"))?;
+        tracing::info!(listen = %l.local_addr()?, "metrics and health on plain HTTP");
+        let ops = ops_app(state.clone());
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(l, ops).await {
+                tracing::error!(error = %e, "metrics listener failed");
+            }
+        });
+    }
+    let drain = state.clone();
+    let shutdown = async move {
+        shutdown_signal().await;
+        drain.begin_drain();
+    };
+    let mut registry = None;
     if a.insecure_http {
         let listen = a
             .listen
@@ -619,22 +679,30 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
             .with_context(|| format!("binding {listen}"))?;
         tracing::warn!(listen = %listener.local_addr()?, store = store.url(),
             "blackbox-server receiving over plain HTTP (development mode: devices are not authenticated)");
-        axum::serve(listener, app(state))
-            .with_graceful_shutdown(shutdown_signal())
-            .await?;
+        accept::serve(
+            listener,
+            None,
+            app(state),
+            serve_cfg,
+            Arc::new(|| {}),
+            metrics,
+            shutdown,
+        )
+        .await?;
     } else {
         let (Some(cert), Some(key), Some(list_path)) = (a.tls_cert, a.tls_key, a.allowlist) else {
             bail!("--tls-cert, --tls-key and --allowlist are required (or --insecure-http)");
         };
         let tls_cfg = tls::server_config(&cert, &key)?;
         let allowlist = AllowlistFile::open(&list_path)?;
-        let registry = Registry::open(&devices_file(&list_path, a.devices_file))?;
+        let reg = Registry::open(&devices_file(&list_path, a.devices_file))?;
         let _watch = allowlist.watch(Duration::from_millis(250));
-        let _flush = registry.flush_every(Duration::from_secs(1));
+        let _flush = reg.flush_every(Duration::from_secs(1));
         let state = state.with_auth(Auth::Certificate {
             allowlist: allowlist.clone(),
-            registry: registry.clone(),
+            registry: reg.clone(),
         });
+        registry = Some(reg);
         let listen = a
             .listen
             .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 8443)));
@@ -645,23 +713,57 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
             allowlist = %list_path.display(), devices = allowlist.current().len(),
             "blackbox-server receiving over HTTPS (device certificates on the allowlist)");
         let al = allowlist.clone();
-        tls::serve(
+        accept::serve(
             listener,
-            tls_cfg,
+            Some(tls_cfg),
             app(state),
-            tls::ServeConfig::default(),
+            serve_cfg,
             Arc::new(move || al.refresh()),
-            shutdown_signal(),
+            metrics,
+            shutdown,
         )
         .await?;
-        if let Err(e) = registry.flush() {
-            tracing::warn!(error = %format!("{e:#}"), "cannot write the record of seen devices");
-        }
     }
-    // The router (and its committer handles) are dropped: the committer writes the last segment.
+    // Requests still queued are written and answered; then the last segment, then exit.
+    committer.close();
     task.await?;
+    if let Some(reg) = registry
+        && let Err(e) = reg.flush()
+    {
+        tracing::warn!(error = %format!("{e:#}"), "cannot write the record of seen devices");
+    }
     tracing::info!("stopped; last segment written");
     Ok(())
+}
+
+/// Raises the soft limit of open files to what `--max-connections` needs (up to the hard
+/// limit), as most servers do at start-up; warns if the hard limit is too low.
+fn raise_fd_limit(max_connections: usize) {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    // Connections, plus the store's files, the listeners and some slack.
+    let want = max_connections as u64 + 256;
+    let lim = getrlimit(Resource::Nofile);
+    let soft = lim.current.unwrap_or(u64::MAX);
+    if soft >= want {
+        return;
+    }
+    let hard = lim.maximum.unwrap_or(u64::MAX);
+    let new = want.min(hard);
+    let raised = setrlimit(
+        Resource::Nofile,
+        Rlimit {
+            current: Some(new),
+            maximum: lim.maximum,
+        },
+    );
+    if raised.is_err() || new < want {
+        tracing::warn!(
+            soft,
+            hard,
+            want,
+            "the open-file limit is below --max-connections; accepts will fail with EMFILE"
+        );
+    }
 }
 
 async fn shutdown_signal() {

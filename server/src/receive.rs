@@ -1,4 +1,5 @@
-//! The HTTP face: `POST /v1/chunks`, `GET /healthz`, load shedding in front.
+//! The HTTP face: `POST /v1/chunks`, `GET /healthz`, load shedding in front; and the operator's
+//! router ([`ops_app`]: `GET /metrics`, `GET /healthz`) for the `--metrics-listen` port.
 //!
 //! | answer | meaning |
 //! |---|---|
@@ -6,10 +7,38 @@
 //! | 200 | already stored (a retry recognised by its identity) |
 //! | 400 | invalid chunk, with the reason |
 //! | 401 / 403 | no device identity / device not allowed, or chunk claims another device |
-//! | 408 | body not received in time |
+//! | 408 | body not received in time (too slow: see [`ReceiveConfig::min_body_rate`]) |
 //! | 413 | body or declared inflated size over the limit |
-//! | 503 + Retry-After | over the concurrency limit (shed at once, never queued) or store failing |
-use std::sync::Arc;
+//! | 503 + Retry-After | shed at once: over the in-flight limit or the body budget, no decoder free within 5 s, shutting down; or the store failing |
+//!
+//! Over `--max-connections` a connection is closed right after accept, before TLS (see
+//! [`crate::accept`]): under a flood that is where most shedding happens.
+//!
+//! ## What bounds memory
+//!
+//! A request goes through three gates, each refusing at once (503 + Retry-After,
+//! `connection: close`) rather than queueing:
+//! 1. **draining**: after SIGTERM every new request is refused;
+//! 2. **in flight**: at most [`ReceiveConfig::max_inflight`] requests are being received and
+//!    checked; the permit is given back when the chunk is handed to the committer, so a chunk
+//!    waiting up to `segment_max_age` for its segment costs only its connection;
+//! 3. **body budget**: before a byte of the body is read, its declared length (or `max_body` if
+//!    it declares none) is reserved from [`ReceiveConfig::body_budget`]; the reservation travels
+//!    with the bytes and is released when they are copied into the open segment.
+//!
+//! Decoding (inflate and check every line) runs on at most [`ReceiveConfig::decoders`] blocking
+//! threads at once (one per CPU), each needing about twice the chunk's declared inflated size
+//! (`max_decompressed`, 8 MiB); a request that cannot get a decoder within
+//! [`ReceiveConfig::decode_wait`] is answered 503. The accept loop ([`crate::accept`]) bounds
+//! connections (the cheapest place to shed: before the TLS handshake) and the time to send
+//! headers; the body must arrive at [`ReceiveConfig::min_body_rate`] or better.
+//!
+//! With the defaults (1,024 connections, as many requests in flight, 32 MiB of bodies, 16 MiB
+//! segments) `cargo xtask flood` measures a peak RSS of about 155 MiB with 10,000 devices on a
+//! fresh receiver; a full window of recent identities (a million, 16 bytes each) adds about
+//! 52 MiB, which still leaves the receiver under 256 MiB.
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Extension;
@@ -22,11 +51,13 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use blackbox_protocol::{Chunk, DecodeError, DeviceId, Limits};
 use http_body_util::BodyExt;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
 
 use crate::allowlist::AllowlistFile;
 use crate::devices::Registry;
-use crate::segment::{CommitError, Committer, Outcome};
+use crate::metrics::{Metrics, Shed};
+use crate::segment::{Accepted, CommitError, Committer, Outcome};
 use crate::tls::PeerCert;
 
 /// Receiver settings.
@@ -36,12 +67,25 @@ pub struct ReceiveConfig {
     pub max_body: usize,
     /// Chunk decode limits (record count, message length, inflated size).
     pub limits: Limits,
-    /// Requests handled at once; more are answered 503 at once.
+    /// Requests being received and checked at once; more are answered 503 at once.
     pub max_inflight: usize,
+    /// Bytes of request bodies held in memory at once (reserved by declared length before
+    /// reading); a request that does not fit is answered 503 at once.
+    pub body_budget: usize,
+    /// Chunks decoded at once (each on a blocking thread).
+    pub decoders: usize,
+    /// Longest wait for a decoder; a request that waits longer is answered 503 (the CPUs
+    /// cannot keep up, and the client would time out anyway).
+    pub decode_wait: Duration,
     /// Seconds the client is told to wait after a 503.
     pub retry_after_secs: u32,
-    /// Time allowed to receive a whole body.
+    /// Longest time allowed to receive a whole body.
     pub body_timeout: Duration,
+    /// Slowest acceptable body rate, bytes per second: a body of N declared bytes must arrive
+    /// within `body_grace + N / min_body_rate` (and `body_timeout`).
+    pub min_body_rate: u32,
+    /// Time allowed on top of the rate (connection hiccups, the first round trips).
+    pub body_grace: Duration,
 }
 
 impl Default for ReceiveConfig {
@@ -50,10 +94,20 @@ impl Default for ReceiveConfig {
             max_body: 2 << 20,
             limits: Limits::DEFAULT,
             max_inflight: 1024,
+            body_budget: 32 << 20,
+            decoders: default_decoders(),
+            decode_wait: Duration::from_secs(5),
             retry_after_secs: 5,
             body_timeout: Duration::from_secs(30),
+            min_body_rate: 4096,
+            body_grace: Duration::from_secs(5),
         }
     }
+}
+
+/// One decoder per CPU: decoding is CPU-bound, more at once would only hold more memory.
+pub fn default_decoders() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get())
 }
 
 /// Shared state of the HTTP handlers.
@@ -63,7 +117,12 @@ pub struct AppState {
     pub committer: Committer,
     /// Settings.
     pub cfg: Arc<ReceiveConfig>,
+    /// Counters (shared with the committer and the accept loop).
+    pub metrics: Arc<Metrics>,
     inflight: Arc<Semaphore>,
+    budget: Arc<Semaphore>,
+    decoders: Arc<Semaphore>,
+    draining: Arc<AtomicBool>,
     auth: Auth,
 }
 
@@ -84,13 +143,16 @@ pub enum Auth {
 }
 
 impl AppState {
-    /// State over a running committer.
+    /// State over a running committer (counting into the committer's metrics).
     pub fn new(committer: Committer, cfg: ReceiveConfig) -> Self {
-        let inflight = Arc::new(Semaphore::new(cfg.max_inflight));
         Self {
+            metrics: committer.metrics().clone(),
             committer,
+            inflight: Arc::new(Semaphore::new(cfg.max_inflight)),
+            budget: Arc::new(Semaphore::new(cfg.body_budget.min(Semaphore::MAX_PERMITS))),
+            decoders: Arc::new(Semaphore::new(cfg.decoders.max(1))),
             cfg: Arc::new(cfg),
-            inflight,
+            draining: Arc::default(),
             auth: Auth::Header,
         }
     }
@@ -99,6 +161,42 @@ impl AppState {
     pub fn with_auth(mut self, auth: Auth) -> Self {
         self.auth = auth;
         self
+    }
+
+    /// Shutdown has begun: from now on every new request is answered 503 (and `/healthz` too,
+    /// so a load balancer stops sending traffic here). Requests already past the gate finish.
+    pub fn begin_drain(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether shutdown has begun.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
+    /// The metrics text, with the gauges read from the gates.
+    pub fn render_metrics(&self) -> String {
+        let used = |total: usize, sem: &Semaphore| total.saturating_sub(sem.available_permits());
+        self.metrics.render(&[
+            (
+                "blackbox_requests_in_flight",
+                "Requests being received and checked (limited by --max-inflight).",
+                used(self.cfg.max_inflight, &self.inflight),
+            ),
+            (
+                "blackbox_body_bytes_reserved",
+                "Bytes of the body budget in use (limited by --body-budget).",
+                used(
+                    self.cfg.body_budget.min(Semaphore::MAX_PERMITS),
+                    &self.budget,
+                ),
+            ),
+            (
+                "blackbox_decoders_busy",
+                "Chunks being decoded (limited by --decoders).",
+                used(self.cfg.decoders.max(1), &self.decoders),
+            ),
+        ])
     }
 }
 
@@ -109,9 +207,45 @@ pub fn app(state: AppState) -> Router {
         .layer(middleware::from_fn_with_state(state.clone(), shed))
         .layer(DefaultBodyLimit::disable());
     Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(healthz))
         .merge(chunks)
+        .layer(middleware::from_fn_with_state(state.metrics.clone(), count))
         .with_state(state)
+}
+
+/// The operator's router (`--metrics-listen`): `GET /metrics` (Prometheus text) and
+/// `GET /healthz` (503 once shutdown has begun), without client certificates.
+pub fn ops_app(state: AppState) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .with_state(state)
+}
+
+async fn healthz(State(st): State<AppState>) -> Response {
+    if st.is_draining() {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response()
+    } else {
+        "ok\n".into_response()
+    }
+}
+
+async fn metrics(State(st): State<AppState>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        st.render_metrics(),
+    )
+        .into_response()
+}
+
+/// Counts every answer of the device-facing router by status.
+async fn count(State(m): State<Arc<Metrics>>, req: Request, next: Next) -> Response {
+    let resp = next.run(req).await;
+    m.request(resp.status().as_u16());
+    resp
 }
 
 /// Everything a request can fail with, turned into a response in one place.
@@ -143,12 +277,21 @@ pub enum ApiError {
     /// The body did not arrive in time.
     #[error("body not received within {0:?}")]
     Timeout(Duration),
-    /// Overloaded: shed.
-    #[error("overloaded, retry later")]
-    Overloaded(u32),
-    /// The store failed; nothing was acknowledged.
+    /// Shed at once: retry later.
+    #[error("{}, retry later", shed_reason(*.0))]
+    Overloaded(Shed, u32),
+    /// The store failed, or the committer is shutting down; nothing was acknowledged.
     #[error("{0}")]
     Commit(CommitError, u32),
+}
+
+fn shed_reason(s: Shed) -> &'static str {
+    match s {
+        Shed::Inflight => "overloaded (too many requests in flight)",
+        Shed::Memory => "overloaded (body budget in use)",
+        Shed::Decoders => "overloaded (no decoder free in time)",
+        Shed::Draining | Shed::Connections => "shutting down",
+    }
 }
 
 impl IntoResponse for ApiError {
@@ -161,27 +304,56 @@ impl IntoResponse for ApiError {
             Self::Unauthenticated(_) => (StatusCode::UNAUTHORIZED, None),
             Self::WrongDevice { .. } | Self::NotAllowed(_) => (StatusCode::FORBIDDEN, None),
             Self::Timeout(_) => (StatusCode::REQUEST_TIMEOUT, None),
-            Self::Overloaded(s) | Self::Commit(_, s) => (StatusCode::SERVICE_UNAVAILABLE, Some(*s)),
+            Self::Overloaded(_, s) | Self::Commit(_, s) => {
+                (StatusCode::SERVICE_UNAVAILABLE, Some(*s))
+            }
         };
         let body = serde_json::json!({ "error": self.to_string() });
         let mut resp = (status, axum::Json(body)).into_response();
         if let Some(s) = retry {
-            resp.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(s));
+            let h = resp.headers_mut();
+            h.insert(header::RETRY_AFTER, HeaderValue::from(s));
+            // The client waits anyway: free its connection (and its place under
+            // --max-connections) for a device that can be served now.
+            h.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         resp
     }
 }
 
-/// Load shedding: a fixed number of permits; no permit, no queue: 503 + Retry-After at once.
-async fn shed(State(st): State<AppState>, req: Request, next: Next) -> Response {
+/// The in-flight permit of a request, which the handler gives back early (when the chunk is
+/// handed to the committer).
+#[derive(Clone, Debug)]
+struct InflightSlot(Arc<Mutex<Option<OwnedSemaphorePermit>>>);
+
+impl InflightSlot {
+    fn release(&self) {
+        if let Ok(mut p) = self.0.lock() {
+            p.take();
+        }
+    }
+}
+
+/// Load shedding in front of the chunk route: draining, then a fixed number of permits; no
+/// permit, no queue: 503 + Retry-After at once.
+async fn shed(State(st): State<AppState>, mut req: Request, next: Next) -> Response {
+    let retry = st.cfg.retry_after_secs;
+    let refuse = |why: Shed| {
+        st.metrics.shed(why);
+        ApiError::Overloaded(why, retry).into_response()
+    };
+    if st.is_draining() {
+        return refuse(Shed::Draining);
+    }
     match st.inflight.clone().try_acquire_owned() {
         Ok(permit) => {
+            let slot = InflightSlot(Arc::new(Mutex::new(Some(permit))));
+            req.extensions_mut().insert(slot.clone());
             let resp = next.run(req).await;
-            drop(permit);
+            slot.release();
             resp
         }
-        Err(_) => ApiError::Overloaded(st.cfg.retry_after_secs).into_response(),
+        Err(_) => refuse(Shed::Inflight),
     }
 }
 
@@ -261,49 +433,70 @@ fn authenticate(
 async fn post_chunk(
     State(st): State<AppState>,
     peer: Option<Extension<PeerCert>>,
+    slot: Option<Extension<InflightSlot>>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
     let device = authenticate(&st.auth, &headers, peer.as_ref().map(|p| &p.0))?;
     let max = st.cfg.max_body;
-    if let Some(len) = headers
+    let declared = headers
         .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
-    {
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if let Some(len) = declared {
         if len > max as u64 {
             return Err(ApiError::TooLarge(format!(
                 "body of {len} bytes, limit {max}"
             )));
         }
     }
-    let limited = http_body_util::Limited::new(body, max);
-    let collected = tokio::time::timeout(st.cfg.body_timeout, limited.collect())
-        .await
-        .map_err(|_| ApiError::Timeout(st.cfg.body_timeout))?;
-    let bytes = match collected {
-        Ok(c) => c.to_bytes(),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            return Err(ApiError::TooLarge(format!(
-                "body over the limit of {max} bytes"
-            )));
-        }
-        Err(e) => return Err(ApiError::Body(e.to_string())),
+    // Within max_body, so it fits in usize and u32 (max_body is at most a few MiB).
+    let reserve = declared.map_or(max, |l| l as usize).max(1);
+    let budget = u32::try_from(reserve)
+        .ok()
+        .and_then(|n| st.budget.clone().try_acquire_many_owned(n).ok())
+        .ok_or_else(|| {
+            st.metrics.shed(Shed::Memory);
+            ApiError::Overloaded(Shed::Memory, st.cfg.retry_after_secs)
+        })?;
+    let bytes = read_body(body, declared, &st.cfg).await?;
+    st.metrics.body_bytes(bytes.len());
+    let accepted = {
+        let _decoder = tokio::time::timeout(st.cfg.decode_wait, st.decoders.acquire())
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .ok_or_else(|| {
+                st.metrics.shed(Shed::Decoders);
+                ApiError::Overloaded(Shed::Decoders, st.cfg.retry_after_secs)
+            })?;
+        let limits = st.cfg.limits;
+        let b2 = bytes.clone();
+        // Only the summary leaves the blocking thread: the decoded records are freed there.
+        tokio::task::spawn_blocking(move || Chunk::decode(&b2, &limits).map(|c| Accepted::of(&c)))
+            .await
+            .map_err(|e| ApiError::Body(format!("decoder failed: {e}")))?
+            .map_err(ApiError::Invalid)?
     };
-    let limits = st.cfg.limits;
-    let b2 = bytes.clone();
-    let chunk = tokio::task::spawn_blocking(move || Chunk::decode(&b2, &limits))
-        .await
-        .map_err(|e| ApiError::Body(format!("decoder failed: {e}")))?
-        .map_err(ApiError::Invalid)?;
-    if chunk.id.device != device {
+    if accepted.id.device != device {
         return Err(ApiError::WrongDevice {
-            claimed: chunk.id.device.to_string(),
+            claimed: accepted.id.device.to_string(),
             actual: device.to_string(),
         });
     }
-    let id = chunk.id.to_string();
-    let records = chunk.records.len();
-    match st.committer.submit(chunk, bytes).await {
+    let id = accepted.id.to_string();
+    let records = accepted.records;
+    let retry = st.cfg.retry_after_secs;
+    let pending = st
+        .committer
+        .enqueue(accepted, bytes, Some(budget))
+        .await
+        .map_err(|e| ApiError::Commit(e, retry))?;
+    // Received and checked: the chunk now only waits for its segment.
+    if let Some(Extension(slot)) = slot {
+        slot.release();
+    }
+    let _waiting = st.metrics.awaiting_commit();
+    match pending.outcome().await {
         Ok(Outcome::Stored { segment }) => Ok((
             StatusCode::CREATED,
             axum::Json(serde_json::json!({"status": "stored", "chunk": id, "records": records, "segment": segment})),
@@ -312,6 +505,42 @@ async fn post_chunk(
         Ok(Outcome::Duplicate) => {
             Ok((StatusCode::OK, axum::Json(serde_json::json!({"status": "duplicate", "chunk": id}))).into_response())
         }
-        Err(e) => Err(ApiError::Commit(e, st.cfg.retry_after_secs)),
+        Err(e) => Err(ApiError::Commit(e, retry)),
     }
+}
+
+/// Reads a body of at most `max_body` bytes into one buffer, in time: the deadline is
+/// `body_grace + declared / min_body_rate`, capped at `body_timeout` (a body of unknown length
+/// gets `body_timeout`). A client trickling bytes (slowloris) is cut off at the deadline.
+async fn read_body(
+    mut body: Body,
+    declared: Option<u64>,
+    cfg: &ReceiveConfig,
+) -> Result<bytes::Bytes, ApiError> {
+    let max = cfg.max_body;
+    let allowed = match declared {
+        Some(len) => {
+            let rate = f64::from(cfg.min_body_rate.max(1));
+            (cfg.body_grace + Duration::from_secs_f64(len as f64 / rate)).min(cfg.body_timeout)
+        }
+        None => cfg.body_timeout,
+    };
+    let deadline = Instant::now() + allowed;
+    let mut buf = Vec::with_capacity(declared.map_or(0, |l| l as usize).min(max));
+    loop {
+        let frame = tokio::time::timeout_at(deadline, body.frame())
+            .await
+            .map_err(|_| ApiError::Timeout(allowed))?;
+        let Some(frame) = frame else { break };
+        let frame = frame.map_err(|e| ApiError::Body(e.to_string()))?;
+        if let Ok(data) = frame.into_data() {
+            if buf.len() + data.len() > max {
+                return Err(ApiError::TooLarge(format!(
+                    "body over the limit of {max} bytes"
+                )));
+            }
+            buf.extend_from_slice(&data);
+        }
+    }
+    Ok(bytes::Bytes::from(buf))
 }

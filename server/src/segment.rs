@@ -12,15 +12,23 @@
 //!
 //! All deduplication runs in the single committer task, so it needs no locks: a chunk whose
 //! identity was stored recently, or is waiting in the open segment, is answered "duplicate".
+//!
+//! Memory: the open segment (at most `max_bytes`, or one chunk if a chunk is larger), the
+//! submissions queued for the committer (each still holding its share of the receiver's body
+//! budget, released when its bytes are copied into the segment), and the recent identities
+//! (16 bytes each, [`ChunkKey`]). A submission carries a summary of its chunk ([`Accepted`]),
+//! never the decoded records.
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use blackbox_protocol::chunk::walk_members;
 use blackbox_protocol::{BootId, Chunk, ChunkId, DeviceId, Limits};
 use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot, watch};
 use tokio::time::Instant;
 
+use crate::metrics::Metrics;
 use crate::store::Store;
 
 /// One line of a segment's index object.
@@ -57,19 +65,68 @@ impl IndexEntry {
         })
     }
 
-    fn of(chunk: &Chunk, offset: u64, len: u64) -> Self {
-        let (lo, hi) = chunk.wall_range();
+    fn of(chunk: &Accepted, offset: u64, len: u64) -> Self {
         Self {
             device: chunk.id.device.to_string(),
             boot: chunk.id.boot.to_string(),
             first_seq: chunk.id.first_seq,
             last_seq: chunk.id.last_seq,
-            records: chunk.records.len() as u32,
-            wall_min_us: lo,
-            wall_max_us: hi,
+            records: chunk.records,
+            wall_min_us: chunk.wall_min_us,
+            wall_max_us: chunk.wall_max_us,
             byte_offset: offset,
             byte_len: len,
         }
+    }
+}
+
+/// What the committer needs of a validated chunk: its identity and what its index line says.
+/// The decoded records stay with the handler (and are freed before the chunk waits for its
+/// segment).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Accepted {
+    /// The chunk's identity.
+    pub id: ChunkId,
+    /// Number of records.
+    pub records: u32,
+    /// Earliest record wall time, µs since the epoch.
+    pub wall_min_us: i64,
+    /// Latest record wall time, µs since the epoch.
+    pub wall_max_us: i64,
+}
+
+impl Accepted {
+    /// The summary of a decoded chunk.
+    pub fn of(chunk: &Chunk) -> Self {
+        let (lo, hi) = chunk.wall_range();
+        Self {
+            id: chunk.id.clone(),
+            records: u32::try_from(chunk.records.len()).unwrap_or(u32::MAX),
+            wall_min_us: lo,
+            wall_max_us: hi,
+        }
+    }
+}
+
+/// A chunk identity in 16 bytes (the first half of the SHA-256 of its fields): what the
+/// committer remembers of every chunk it stored recently. Two different identities share a key
+/// with probability 2^-128 per pair, far below any hardware fault rate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ChunkKey([u8; 16]);
+
+impl ChunkKey {
+    /// The key of an identity.
+    pub fn of(id: &ChunkId) -> Self {
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        // A device id never contains a NUL byte, so the fields cannot run into each other.
+        ctx.update(id.device.as_str().as_bytes());
+        ctx.update(&[0]);
+        ctx.update(&id.boot.0);
+        ctx.update(&id.first_seq.to_le_bytes());
+        ctx.update(&id.last_seq.to_le_bytes());
+        let mut k = [0u8; 16];
+        k.copy_from_slice(&ctx.finish().as_ref()[..16]);
+        Self(k)
     }
 }
 
@@ -140,8 +197,10 @@ pub enum CommitError {
 type Reply = oneshot::Sender<Result<Outcome, CommitError>>;
 
 struct Submit {
-    chunk: Chunk,
+    chunk: Accepted,
     bytes: bytes::Bytes,
+    /// The body budget this chunk's bytes hold; released once they are in the segment.
+    budget: Option<OwnedSemaphorePermit>,
     done: Reply,
 }
 
@@ -149,37 +208,90 @@ struct Submit {
 #[derive(Clone, Debug)]
 pub struct Committer {
     tx: mpsc::Sender<Submit>,
+    close: Arc<watch::Sender<bool>>,
+    metrics: Arc<Metrics>,
+}
+
+/// A chunk handed to the committer: await [`Pending::outcome`] for its acknowledgement.
+#[derive(Debug)]
+pub struct Pending(oneshot::Receiver<Result<Outcome, CommitError>>);
+
+impl Pending {
+    /// Waits until the chunk is durably stored (or recognised as already stored).
+    pub async fn outcome(self) -> Result<Outcome, CommitError> {
+        self.0.await.map_err(|_| CommitError::ShuttingDown)?
+    }
 }
 
 impl Committer {
     /// Recovers recent identities from the store (re-indexing orphan segments), then starts the
-    /// committer task. The returned join handle finishes after the channel closes and the last
-    /// segment is written.
+    /// committer task. The returned join handle finishes after [`Committer::close`] (or once
+    /// every handle is dropped) when the last segment is written.
     pub async fn start(
         store: Store,
         cfg: SegmentConfig,
     ) -> anyhow::Result<(Self, tokio::task::JoinHandle<()>)> {
-        let recent = recover(&store, &cfg).await?;
-        let (tx, rx) = mpsc::channel(4096);
-        let task = tokio::spawn(run(store, cfg, rx, recent));
-        Ok((Self { tx }, task))
+        Self::start_with_metrics(store, cfg, Arc::default()).await
     }
 
-    /// Submits a validated chunk and waits until it is durably stored (or recognised).
-    pub async fn submit(&self, chunk: Chunk, bytes: bytes::Bytes) -> Result<Outcome, CommitError> {
+    /// Like [`Committer::start`], counting into `metrics`.
+    pub async fn start_with_metrics(
+        store: Store,
+        cfg: SegmentConfig,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<(Self, tokio::task::JoinHandle<()>)> {
+        let recent = recover(&store, &cfg).await?;
+        let (tx, rx) = mpsc::channel(4096);
+        let (close, closed) = watch::channel(false);
+        let task = tokio::spawn(run(store, cfg, rx, recent, closed, metrics.clone()));
+        Ok((
+            Self {
+                tx,
+                close: Arc::new(close),
+                metrics,
+            },
+            task,
+        ))
+    }
+
+    /// The counters this committer writes to.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Hands a validated chunk to the committer, with the body budget its bytes hold. Waits
+    /// only while the committer's queue is full.
+    pub async fn enqueue(
+        &self,
+        chunk: Accepted,
+        bytes: bytes::Bytes,
+        budget: Option<OwnedSemaphorePermit>,
+    ) -> Result<Pending, CommitError> {
         let (done, rx) = oneshot::channel();
         self.tx
-            .send(Submit { chunk, bytes, done })
+            .send(Submit {
+                chunk,
+                bytes,
+                budget,
+                done,
+            })
             .await
             .map_err(|_| CommitError::ShuttingDown)?;
-        rx.await.map_err(|_| CommitError::ShuttingDown)?
+        Ok(Pending(rx))
+    }
+
+    /// Stops taking chunks: what is already queued is still written and answered, later
+    /// submissions fail with [`CommitError::ShuttingDown`], then the last segment is written and
+    /// the task ends.
+    pub fn close(&self) {
+        self.close.send_replace(true);
     }
 }
 
 /// Recently stored identities, bounded, oldest forgotten first.
 struct Recent {
-    set: HashSet<ChunkId>,
-    order: VecDeque<ChunkId>,
+    set: HashSet<ChunkKey>,
+    order: VecDeque<ChunkKey>,
     cap: usize,
 }
 
@@ -191,8 +303,8 @@ impl Recent {
             cap: cap.max(1),
         }
     }
-    fn insert(&mut self, id: ChunkId) {
-        if self.set.insert(id.clone()) {
+    fn insert(&mut self, id: ChunkKey) {
+        if self.set.insert(id) {
             self.order.push_back(id);
             while self.order.len() > self.cap {
                 if let Some(old) = self.order.pop_front() {
@@ -201,7 +313,7 @@ impl Recent {
             }
         }
     }
-    fn contains(&self, id: &ChunkId) -> bool {
+    fn contains(&self, id: &ChunkKey) -> bool {
         self.set.contains(id)
     }
 }
@@ -235,7 +347,7 @@ async fn recover(store: &Store, cfg: &SegmentConfig) -> anyhow::Result<Recent> {
                 entries
                     .iter()
                     .filter_map(IndexEntry::chunk_id)
-                    .for_each(|id| recent.insert(id));
+                    .for_each(|id| recent.insert(ChunkKey::of(&id)));
             } else if let Some(base) = k.strip_suffix(".seg.gz") {
                 if !idx.contains(base) {
                     let entries = reindex(store, k).await?;
@@ -243,7 +355,7 @@ async fn recover(store: &Store, cfg: &SegmentConfig) -> anyhow::Result<Recent> {
                     entries
                         .iter()
                         .filter_map(IndexEntry::chunk_id)
-                        .for_each(|id| recent.insert(id));
+                        .for_each(|id| recent.insert(ChunkKey::of(&id)));
                 }
             }
         }
@@ -269,7 +381,7 @@ async fn reindex(store: &Store, seg_key: &str) -> anyhow::Result<Vec<IndexEntry>
         };
         let member = &bytes[off as usize..(off + h.member_len()) as usize];
         match Chunk::decode(member, &Limits::DEFAULT) {
-            Ok(c) => entries.push(IndexEntry::of(&c, off, h.member_len())),
+            Ok(c) => entries.push(IndexEntry::of(&Accepted::of(&c), off, h.member_len())),
             Err(e) => {
                 tracing::error!(segment = %seg_key, offset = off, error = %e, "chunk in segment does not decode")
             }
@@ -297,7 +409,7 @@ struct Open {
     bytes: Vec<u8>,
     entries: Vec<IndexEntry>,
     /// Per chunk: who waits for its acknowledgement, and whether that waiter sent a copy.
-    waiters: HashMap<ChunkId, Vec<(Reply, bool)>>,
+    waiters: HashMap<ChunkKey, Vec<(Reply, bool)>>,
     deadline: Option<Instant>,
 }
 
@@ -312,37 +424,62 @@ impl Open {
     }
 }
 
-async fn run(store: Store, cfg: SegmentConfig, mut rx: mpsc::Receiver<Submit>, mut recent: Recent) {
+async fn run(
+    store: Store,
+    cfg: SegmentConfig,
+    mut rx: mpsc::Receiver<Submit>,
+    mut recent: Recent,
+    mut closed: watch::Receiver<bool>,
+    metrics: Arc<Metrics>,
+) {
     let mut open = Open::new();
+    let mut closing = false;
     loop {
         let deadline = open.deadline;
         tokio::select! {
             msg = rx.recv() => match msg {
                 Some(s) => {
-                    if recent.contains(&s.chunk.id) {
+                    let key = ChunkKey::of(&s.chunk.id);
+                    if recent.contains(&key) {
+                        metrics.duplicate();
                         let _ = s.done.send(Ok(Outcome::Duplicate));
                         continue;
                     }
-                    if let Some(w) = open.waiters.get_mut(&s.chunk.id) {
+                    if let Some(w) = open.waiters.get_mut(&key) {
                         w.push((s.done, true));
                         continue;
+                    }
+                    // Write the open segment first if this chunk would take it over the limit,
+                    // so a segment stays within its limit (unless one chunk alone is larger).
+                    if !open.entries.is_empty() && open.bytes.len() + s.bytes.len() > cfg.max_bytes {
+                        flush(&store, &cfg, &mut open, &mut recent, &metrics).await;
+                    }
+                    if open.bytes.capacity() == 0 {
+                        open.bytes.reserve_exact(cfg.max_bytes.max(s.bytes.len()));
                     }
                     let offset = open.bytes.len() as u64;
                     open.bytes.extend_from_slice(&s.bytes);
                     open.entries.push(IndexEntry::of(&s.chunk, offset, s.bytes.len() as u64));
-                    open.waiters.insert(s.chunk.id, vec![(s.done, false)]);
+                    open.waiters.insert(key, vec![(s.done, false)]);
                     open.deadline.get_or_insert_with(|| Instant::now() + cfg.max_age);
+                    // The bytes are in the segment now: give their budget back.
+                    drop((s.bytes, s.budget));
                     if open.bytes.len() >= cfg.max_bytes {
-                        flush(&store, &cfg, &mut open, &mut recent).await;
+                        flush(&store, &cfg, &mut open, &mut recent, &metrics).await;
                     }
                 }
                 None => {
-                    flush(&store, &cfg, &mut open, &mut recent).await;
+                    flush(&store, &cfg, &mut open, &mut recent, &metrics).await;
                     return;
                 }
             },
             _ = sleep_until(deadline), if deadline.is_some() => {
-                flush(&store, &cfg, &mut open, &mut recent).await;
+                flush(&store, &cfg, &mut open, &mut recent, &metrics).await;
+            }
+            _ = closed.changed(), if !closing => {
+                // Refuse new submissions; those queued are still received, then `None` ends.
+                closing = true;
+                rx.close();
             }
         }
     }
@@ -362,7 +499,13 @@ fn fault(cfg: &SegmentConfig, point: &str) {
     }
 }
 
-async fn flush(store: &Store, cfg: &SegmentConfig, open: &mut Open, recent: &mut Recent) {
+async fn flush(
+    store: &Store,
+    cfg: &SegmentConfig,
+    open: &mut Open,
+    recent: &mut Recent,
+    metrics: &Metrics,
+) {
     if open.entries.is_empty() {
         return;
     }
@@ -375,7 +518,9 @@ async fn flush(store: &Store, cfg: &SegmentConfig, open: &mut Open, recent: &mut
     );
     let seg_key = format!("{base}.seg.gz");
     let started = Instant::now();
+    let seg_len = seg.bytes.len();
     let result = store.put(&seg_key, seg.bytes).await;
+    metrics.segment_put(started.elapsed(), seg_len, result.is_ok());
     if result.is_ok() {
         fault(cfg, "after-segment-put");
         // The segment is durable, so its chunks are acknowledged whatever happens to the
@@ -394,10 +539,12 @@ async fn flush(store: &Store, cfg: &SegmentConfig, open: &mut Open, recent: &mut
     match result {
         Ok(()) => {
             tracing::debug!(segment = %seg_key, chunks = seg.entries.len(), ms = started.elapsed().as_millis() as u64, "segment stored");
+            metrics.stored(seg.entries.len());
             for (id, waiters) in seg.waiters {
                 recent.insert(id);
                 for (w, dup) in waiters {
                     let o = if dup {
+                        metrics.duplicate();
                         Outcome::Duplicate
                     } else {
                         Outcome::Stored {

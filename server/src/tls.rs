@@ -8,14 +8,14 @@
 //! refused on its next request even on a connection it already holds, and so that an unknown
 //! device, having proved it owns its key, can be recorded as pending and told why it is refused.
 //!
-//! [`serve`] is the accept loop: TCP, then a first-byte check (a client speaking plain HTTP to
-//! this port gets a readable 400 instead of a TLS alert it cannot print), the handshake under a
-//! timeout, then HTTP/1.1 with the peer's [`PeerCert`] attached to every request.
+//! [`handshake`] is what the accept loop ([`crate::accept`]) does first on this port: a
+//! first-byte check (a client speaking plain HTTP to this port gets a readable 400 instead of a
+//! TLS alert it cannot print), then the handshake; the loop then serves HTTP/1.1 with the
+//! peer's [`PeerCert`] attached to every request.
 //!
 //! [`init`] makes a small private CA and a server certificate signed by it
 //! (`blackbox-server tls init`); agents trust that CA with `--server-ca`.
 use std::fmt;
-use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
@@ -23,10 +23,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use axum::Router;
 use blackbox_protocol::Fingerprint;
-use hyper_util::rt::TokioIo;
-use hyper_util::service::TowerToHyperService;
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::crypto::WebPkiSupportedAlgorithms;
 use rustls::pki_types::pem::PemObject;
@@ -34,8 +31,6 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpListener;
-use tower::ServiceExt;
 
 /// The verified client certificate of a connection, attached to each of its requests.
 #[derive(Debug, Clone)]
@@ -162,123 +157,43 @@ pub fn server_config(cert: &Path, key: &Path) -> anyhow::Result<Arc<rustls::Serv
         .with_single_cert(chain, key)
         .context("the server certificate and key do not fit together")?;
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    // Stateless session tickets: a device that reconnects (after a 503, or its next upload)
+    // resumes without the signature and certificate checks of a full handshake, and the
+    // server keeps no per-device session state. The ticket carries the client certificate, and
+    // every request is still checked against the allowlist.
+    cfg.ticketer = rustls::crypto::ring::Ticketer::new().context("TLS session tickets")?;
     Ok(Arc::new(cfg))
 }
 
-/// Accept-loop settings.
-#[derive(Debug, Clone)]
-pub struct ServeConfig {
-    /// Time allowed from TCP accept to the end of the TLS handshake.
-    pub handshake_timeout: Duration,
-    /// Time allowed for in-flight requests after shutdown begins.
-    pub drain_timeout: Duration,
+/// The verified client certificate of a finished handshake, or `None` if it has none (the
+/// verifier requires one, so only a misconfigured `ServerConfig` gets here without).
+pub fn peer_cert(
+    tls: &tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+    addr: SocketAddr,
+) -> Option<PeerCert> {
+    let der = tls.get_ref().1.peer_certificates()?.first()?;
+    Some(PeerCert {
+        fingerprint: fingerprint(der.as_ref()),
+        common_name: common_name(der.as_ref()),
+        addr,
+    })
 }
 
-impl Default for ServeConfig {
-    fn default() -> Self {
-        Self {
-            handshake_timeout: Duration::from_secs(10),
-            drain_timeout: Duration::from_secs(30),
-        }
-    }
-}
-
-/// Called once per connection after its handshake (the allowlist checks its file's metadata).
-pub type OnConnect = Arc<dyn Fn() + Send + Sync>;
-
-/// Serves `router` over TLS on `listener` until `shutdown` completes, then lets in-flight
-/// requests finish (up to the drain timeout).
-pub async fn serve(
-    listener: TcpListener,
-    tls: Arc<rustls::ServerConfig>,
-    router: Router,
-    cfg: ServeConfig,
-    on_connect: OnConnect,
-    shutdown: impl Future<Output = ()>,
-) -> anyhow::Result<()> {
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    tokio::pin!(shutdown);
-    loop {
-        let (tcp, addr) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    // Out of file descriptors and the like: wait a little rather than spin.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = &mut shutdown => break,
-        };
-        let acceptor = acceptor.clone();
-        let router = router.clone();
-        let watcher = graceful.watcher();
-        let on_connect = on_connect.clone();
-        let timeout = cfg.handshake_timeout;
-        tokio::spawn(async move {
-            let tls = match tokio::time::timeout(timeout, handshake(acceptor, tcp)).await {
-                Ok(Ok(Some(s))) => s,
-                Ok(Ok(None)) => return,
-                Ok(Err(e)) => {
-                    // A refused certificate is worth the operator's attention; other failures
-                    // (scanners, dropped connections) are not.
-                    let cert = e
-                        .get_ref()
-                        .and_then(|i| i.downcast_ref::<rustls::Error>())
-                        .is_some_and(|r| matches!(r, rustls::Error::InvalidCertificate(_)));
-                    if cert {
-                        tracing::info!(%addr, error = %e, "client certificate refused in the handshake");
-                    } else {
-                        tracing::debug!(%addr, error = %e, "TLS handshake failed");
-                    }
-                    return;
-                }
-                Err(_) => {
-                    tracing::debug!(%addr, "TLS handshake timed out");
-                    return;
-                }
-            };
-            let Some(der) = tls.get_ref().1.peer_certificates().and_then(|c| c.first()) else {
-                return;
-            };
-            let peer = PeerCert {
-                fingerprint: fingerprint(der.as_ref()),
-                common_name: common_name(der.as_ref()),
-                addr,
-            };
-            on_connect();
-            let svc = router.map_request(move |mut req: axum::http::Request<_>| {
-                req.extensions_mut().insert(peer.clone());
-                req
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(timeout)
-                .serve_connection(TokioIo::new(tls), TowerToHyperService::new(svc));
-            if let Err(e) = watcher.watch(conn).await {
-                tracing::debug!(%addr, error = %e, "connection ended with an error");
-            }
-        });
-    }
-    drop(listener);
-    tracing::info!(connections = graceful.count(), "draining open connections");
-    if tokio::time::timeout(cfg.drain_timeout, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!("connections still open after the drain timeout; closing them");
-    }
-    Ok(())
+/// Whether a handshake failed because of the client's certificate (worth the operator's
+/// attention; scanners and dropped connections are not).
+pub fn is_certificate_error(e: &std::io::Error) -> bool {
+    e.get_ref()
+        .and_then(|i| i.downcast_ref::<rustls::Error>())
+        .is_some_and(|r| matches!(r, rustls::Error::InvalidCertificate(_)))
 }
 
 /// What a plain-HTTP client gets on the TLS port.
 const PLAIN_HTTP_REFUSAL: &str = "This port speaks HTTPS and requires a device certificate; plain HTTP was sent. Use https://.\n";
 
 /// The TLS handshake, after checking the first byte: a TLS record starts with 0x16
-/// (handshake); a letter means a plain HTTP request, which gets a readable 400.
-async fn handshake(
+/// (handshake); a letter means a plain HTTP request, which gets a readable 400. `Ok(None)`:
+/// no TLS client (closed, or answered with that 400).
+pub async fn handshake(
     acceptor: tokio_rustls::TlsAcceptor,
     tcp: tokio::net::TcpStream,
 ) -> std::io::Result<Option<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>> {

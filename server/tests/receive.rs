@@ -11,17 +11,26 @@ use http_body_util::BodyExt;
 use tower::ServiceExt;
 
 async fn setup(rcfg: ReceiveConfig) -> (axum::Router, Store) {
+    let (state, store) = setup_with(rcfg, Duration::from_millis(20)).await;
+    (app(state), store)
+}
+
+async fn setup_with(rcfg: ReceiveConfig, max_age: Duration) -> (AppState, Store) {
     let store = Store::open("memory://").unwrap();
     let cfg = SegmentConfig {
-        max_age: Duration::from_millis(20),
+        max_age,
         ..Default::default()
     };
     let (committer, _task) = Committer::start(store.clone(), cfg).await.unwrap();
-    (app(AppState::new(committer, rcfg)), store)
+    (AppState::new(committer, rcfg), store)
 }
 
 fn good(n: u64) -> Vec<u8> {
-    let records = (0..n)
+    good_from(0, n)
+}
+
+fn good_from(first: u64, n: u64) -> Vec<u8> {
+    let records = (first..first + n)
         .map(|s| Record {
             seq: s,
             mono_us: s,
@@ -31,19 +40,21 @@ fn good(n: u64) -> Vec<u8> {
             msg: format!("line {s}").into_bytes(),
         })
         .collect();
-    let c = Chunk::new(
+    Chunk::new(
         DeviceId::new("dev").unwrap(),
         BootId([1; 16]),
         SyncPoint::default(),
         records,
     )
-    .unwrap();
-    c.encode(6, &Limits::DEFAULT).unwrap()
+    .unwrap()
+    .encode(6, &Limits::DEFAULT)
+    .unwrap()
 }
 
 async fn post(app: &axum::Router, body: Vec<u8>) -> (StatusCode, String, Option<String>) {
     let req = Request::post("/v1/chunks")
         .header("x-blackbox-device", "dev")
+        .header("content-length", body.len())
         .body(Body::from(body))
         .unwrap();
     let resp = app.clone().oneshot(req).await.unwrap();
@@ -262,4 +273,160 @@ async fn over_the_concurrency_limit_sheds_at_once_with_retry_after() {
         StatusCode::OK,
         "health is not shed"
     );
+}
+
+async fn get_text(app: &axum::Router, path: &str) -> (StatusCode, String) {
+    let req = Request::get(path).body(Body::empty()).unwrap();
+    let resp = app.clone().oneshot(req).await.unwrap();
+    let status = resp.status();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8(body.to_vec()).unwrap())
+}
+
+/// A body that does not fit the byte budget is refused before it is read, and the budget a
+/// stored chunk held is given back.
+#[tokio::test]
+async fn the_body_budget_sheds_before_reading_and_is_given_back() {
+    let g = good(50);
+    let (state, store) = setup_with(
+        ReceiveConfig {
+            body_budget: g.len() + 10,
+            retry_after_secs: 3,
+            ..Default::default()
+        },
+        Duration::from_millis(20),
+    )
+    .await;
+    let app = app(state.clone());
+    let (s, text, retry) = post(&app, good_from(0, 400)).await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{text}");
+    assert!(text.contains("body budget"), "{text}");
+    assert_eq!(retry.as_deref(), Some("3"));
+    assert_nothing_stored(&store).await;
+    // One that fits, twice in a row: the first one's reservation came back.
+    assert_eq!(post(&app, g.clone()).await.0, StatusCode::CREATED);
+    assert_eq!(post(&app, good_from(100, 50)).await.0, StatusCode::CREATED);
+    let m = state.render_metrics();
+    assert!(
+        m.contains("blackbox_shed_total{reason=\"memory\"} 1\n"),
+        "{m}"
+    );
+    assert!(m.contains("\nblackbox_body_bytes_reserved 0\n"), "{m}");
+}
+
+/// A chunk waiting for its segment does not hold an in-flight place: with one place, a second
+/// upload is served while the first waits for the group commit.
+#[tokio::test]
+async fn a_chunk_waiting_for_its_segment_does_not_hold_an_inflight_place() {
+    let (state, _store) = setup_with(
+        ReceiveConfig {
+            max_inflight: 1,
+            ..Default::default()
+        },
+        Duration::from_millis(400),
+    )
+    .await;
+    let app = app(state);
+    let first = tokio::spawn({
+        let app = app.clone();
+        async move { post(&app, good_from(0, 5)).await.0 }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (second, text, _) = post(&app, good_from(5, 5)).await;
+    assert_eq!(second, StatusCode::CREATED, "{text}");
+    assert_eq!(first.await.unwrap(), StatusCode::CREATED);
+}
+
+/// A body trickling in slower than the minimum rate is answered 408 at its deadline
+/// (grace + declared length / rate), and its place is free again.
+#[tokio::test(start_paused = true)]
+async fn a_slow_body_is_cut_off_at_its_deadline() {
+    let (state, store) = setup_with(
+        ReceiveConfig {
+            max_inflight: 1,
+            min_body_rate: 100,
+            body_grace: Duration::from_secs(2),
+            ..Default::default()
+        },
+        Duration::from_millis(20),
+    )
+    .await;
+    let app = app(state);
+    let g = good(20);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(4);
+    tx.send(Ok(bytes::Bytes::copy_from_slice(&g[..10])))
+        .await
+        .unwrap();
+    let body = Body::from_stream(futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|x| (x, rx))
+    }));
+    let req = Request::post("/v1/chunks")
+        .header("x-blackbox-device", "dev")
+        .header("content-length", g.len())
+        .body(body)
+        .unwrap();
+    let started = tokio::time::Instant::now();
+    let resp = app.clone().oneshot(req).await.unwrap();
+    let took = started.elapsed();
+    assert_eq!(resp.status(), StatusCode::REQUEST_TIMEOUT);
+    let allowed = Duration::from_secs(2) + Duration::from_secs_f64(g.len() as f64 / 100.0);
+    assert!(
+        took >= allowed && took < allowed + Duration::from_secs(1),
+        "cut off after {took:?}, allowed {allowed:?}"
+    );
+    drop(tx);
+    assert_eq!(
+        post(&app, g).await.0,
+        StatusCode::CREATED,
+        "the place is free"
+    );
+    assert_eq!(store.list("raw/").await.unwrap().len(), 2);
+}
+
+/// After shutdown begins every new request is refused with 503, and health says so.
+#[tokio::test]
+async fn draining_refuses_new_requests_and_health_says_so() {
+    let (state, store) = setup_with(ReceiveConfig::default(), Duration::from_millis(20)).await;
+    let devices = app(state.clone());
+    let ops = blackbox_server::ops_app(state.clone());
+    assert_eq!(get_text(&ops, "/healthz").await.0, StatusCode::OK);
+    state.begin_drain();
+    let (s, text, retry) = post(&devices, good(3)).await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{text}");
+    assert!(retry.is_some());
+    assert_eq!(
+        get_text(&ops, "/healthz").await.0,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    assert_nothing_stored(&store).await;
+}
+
+/// /metrics counts answers by status, bytes in, chunks stored and duplicates.
+#[tokio::test]
+async fn metrics_count_answers_bytes_chunks_and_duplicates() {
+    let (state, _store) = setup_with(ReceiveConfig::default(), Duration::from_millis(20)).await;
+    let devices = app(state.clone());
+    let ops = blackbox_server::ops_app(state);
+    let g = good(5);
+    assert_eq!(post(&devices, g.clone()).await.0, StatusCode::CREATED);
+    assert_eq!(post(&devices, g.clone()).await.0, StatusCode::OK);
+    assert_eq!(
+        post(&devices, vec![1, 2, 3]).await.0,
+        StatusCode::BAD_REQUEST
+    );
+    let (s, text) = get_text(&ops, "/metrics").await;
+    assert_eq!(s, StatusCode::OK);
+    for want in [
+        "blackbox_http_requests_total{status=\"201\"} 1".to_owned(),
+        "blackbox_http_requests_total{status=\"200\"} 1".to_owned(),
+        "blackbox_http_requests_total{status=\"400\"} 1".to_owned(),
+        format!("blackbox_received_bytes_total {}", 2 * g.len() + 3),
+        "blackbox_chunks_stored_total 1".to_owned(),
+        "blackbox_chunks_duplicate_total 1".to_owned(),
+        "blackbox_segments_stored_total 1".to_owned(),
+        "blackbox_store_put_seconds_count 1".to_owned(),
+        "blackbox_requests_in_flight 0".to_owned(),
+    ] {
+        assert!(text.lines().any(|l| l == want), "{want:?} missing:\n{text}");
+    }
 }

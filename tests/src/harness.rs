@@ -18,12 +18,17 @@ pub fn root() -> PathBuf {
 }
 
 /// Path of a workspace binary, built once per test process (so `cargo test -p blackbox-tests`
-/// alone works too).
+/// alone works too). With `BLACKBOX_BIN_DIR` set (the flood uses release binaries) the binary is
+/// taken from there and nothing is built.
 pub fn bin(name: &str) -> PathBuf {
+    if let Some(dir) = std::env::var_os("BLACKBOX_BIN_DIR") {
+        return PathBuf::from(dir).join(name);
+    }
     static BUILT: OnceLock<()> = OnceLock::new();
     BUILT.get_or_init(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let st = Command::new(cargo)
+        let mut build = Command::new(cargo);
+        build
             .args([
                 "build",
                 "--quiet",
@@ -32,9 +37,17 @@ pub fn bin(name: &str) -> PathBuf {
                 "-p",
                 "blackbox-agent",
             ])
-            .current_dir(root())
-            .status()
-            .expect("running cargo build");
+            .current_dir(root());
+        // Cargo sets these for the test binary. ring's build script tracks several of them, so
+        // passing them on made this build (and the next plain `cargo build` after it) rebuild
+        // ring and everything above it.
+        for (k, _) in std::env::vars_os() {
+            let k = k.to_string_lossy();
+            if k.starts_with("CARGO_PKG_") || k.starts_with("CARGO_MANIFEST_") {
+                build.env_remove(&*k);
+            }
+        }
+        let st = build.status().expect("running cargo build");
         assert!(st.success(), "building the binaries failed");
     });
     let target = std::env::var("CARGO_TARGET_DIR")
@@ -109,6 +122,8 @@ pub struct Server {
     pub env: Vec<(String, String)>,
     pub log: PathBuf,
     pub tls: Option<TlsFiles>,
+    /// How the last process ended, once [`Server::wait_exit`] saw it end.
+    pub exit: Option<std::process::ExitStatus>,
     child: Option<Child>,
 }
 
@@ -122,7 +137,15 @@ impl Server {
 
     /// A server with TLS and an allowlist (`TlsFiles::init` in `dir`).
     pub fn start_tls(store: &str, extra: &[&str], dir: &Path) -> Self {
+        Self::start_tls_allowing(store, extra, dir, "")
+    }
+
+    /// Like [`Server::start_tls`], with these allowlist lines in place before it starts.
+    pub fn start_tls_allowing(store: &str, extra: &[&str], dir: &Path, allowlist: &str) -> Self {
         let files = TlsFiles::init(&dir.join("tls"));
+        if !allowlist.is_empty() {
+            std::fs::write(&files.allowlist, allowlist).unwrap();
+        }
         let mut args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
         for (flag, path) in [
             ("--tls-cert", &files.cert),
@@ -149,6 +172,7 @@ impl Server {
             env,
             log: log_dir.join(format!("server-{}.log", free_port())),
             tls,
+            exit: None,
             child: None,
         };
         s.restart();
@@ -225,6 +249,22 @@ impl Server {
         panic!("server did not answer /healthz in 30 s");
     }
 
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Sends SIGTERM (a graceful shutdown); [`Server::wait_exit`] then waits for it.
+    pub fn sigterm(&self) {
+        if let Some(pid) = self.pid() {
+            let st = Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status()
+                .unwrap();
+            assert!(st.success(), "kill -TERM {pid}");
+        }
+    }
+
     /// `kill -9`.
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -238,8 +278,9 @@ impl Server {
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
             if let Some(c) = self.child.as_mut()
-                && c.try_wait().unwrap().is_some()
+                && let Some(st) = c.try_wait().unwrap()
             {
+                self.exit = Some(st);
                 self.child = None;
                 return true;
             }

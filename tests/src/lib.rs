@@ -3,6 +3,10 @@
 #![allow(missing_docs, clippy::unwrap_used)]
 
 pub mod downstream;
+pub mod flood;
 pub mod harness;
+pub mod nginx;
+pub mod procstat;
 pub mod s3;
+pub mod scenario;
 pub mod tlsclient;

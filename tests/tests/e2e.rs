@@ -146,7 +146,12 @@ fn duplicate_chunk_stored_once_even_across_a_crash() {
 fn object_writes_stay_flat_as_devices_grow() {
     let tmp = tempfile::tempdir().unwrap();
     let store = format!("file://{}", tmp.path().join("store").display());
-    let server = Server::start(&store, vec![], &["--max-inflight", "2048"], tmp.path());
+    let server = Server::start(
+        &store,
+        vec![],
+        &["--max-inflight", "2048", "--max-connections", "2048"],
+        tmp.path(),
+    );
     let (devices, rounds) = (1000u64, 4u64);
     let t0 = Instant::now() + Duration::from_millis(500);
     let url = server.url();

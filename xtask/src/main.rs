@@ -8,12 +8,16 @@
 //!   into `./blackbox-data`, until Ctrl-C.
 //! - `cargo xtask qemu --arch ARCH [--panic | --footprint]`: boots the agent on a stock Debian
 //!   kernel in QEMU against a server on this machine and checks what was stored (the boot test).
+//! - `cargo xtask flood`: the fibre-repair load test of the receiver, with an nginx baseline.
+//! - `cargo xtask image`: the receiver's container image (no Docker daemon needed), run once.
 //!
 //! Every command is an argument vector (never a shell string) and every path is anchored at
 //! [`project_root`], so the result does not depend on the directory you start from.
 
 mod apt;
 mod dist;
+mod flood;
+mod image;
 mod qemu;
 mod run;
 mod test;
@@ -47,6 +51,11 @@ enum Cmd {
     /// Boot a QEMU guest (stock Debian kernel, busybox, the agent) and check what the server
     /// stored; --panic crashes the first boot, --footprint measures the agent's memory.
     Qemu(qemu::QemuArgs),
+    /// Flood the receiver with 10,000 devices back from an outage; print throughput, the 503
+    /// share, peak RSS and the nginx baseline; check every chunk is stored exactly once.
+    Flood(flood::FloodArgs),
+    /// Build the receiver's container image with buildah (no daemon) and run it.
+    Image,
 }
 
 #[derive(clap::Args)]
@@ -81,6 +90,8 @@ fn try_main() -> Result<()> {
         }
         Cmd::Run(args) => run::run(args),
         Cmd::Qemu(args) => qemu::run(args),
+        Cmd::Flood(args) => flood::run(args),
+        Cmd::Image => image::run(),
         Cmd::Dist(args) => {
             let targets = if args.targets.is_empty() {
                 dist::AGENT_TARGETS.iter().map(|t| t.to_string()).collect()
