@@ -93,34 +93,10 @@ pub(crate) fn run(args: RunArgs) -> Result<()> {
     }
 
     // The server's certificate, made once and kept with the data.
-    let tls = store.base_dir(&root).join("tls");
-    let allowlist = tls.join("allowlist");
-    if !tls.join("server.pem").exists() {
-        let mut init = Command::new(bin.join("blackbox-server"));
-        init.args(["tls", "init", "--dir"]).arg(&tls);
-        println!("==> making the server certificate: {}", show(&init));
-        run_cmd(&mut init).context("blackbox-server tls init failed")?;
-    }
-    if !allowlist.exists() {
-        std::fs::write(
-            &allowlist,
-            "# Device certificates allowed to write: `blackbox-agent identity` prints a line.\n",
-        )
-        .with_context(|| format!("creating {}", allowlist.display()))?;
-    }
-
-    let mut cmd = Command::new(bin.join("blackbox-server"));
-    cmd.arg("serve")
-        .arg("--listen")
-        .arg(args.listen.to_string())
-        .arg("--store")
-        .arg(&store.arg)
-        .arg("--tls-cert")
-        .arg(tls.join("server.pem"))
-        .arg("--tls-key")
-        .arg(tls.join("server.key"))
-        .arg("--allowlist")
-        .arg(&allowlist);
+    let server_bin = bin.join("blackbox-server");
+    let tls = ServerTls::ensure(&server_bin, store.base_dir(&root).join("tls"))?;
+    let allowlist = tls.allowlist();
+    let cmd = tls.serve(&server_bin, args.listen, &store.arg);
     let mut server = Proc::spawn("blackbox-server", cmd)?;
     wait_healthy(health_addr, &mut server, &stop)?;
 
@@ -128,13 +104,19 @@ pub(crate) fn run(args: RunArgs) -> Result<()> {
     if !args.server_only {
         let state_dir = store.agent_state_dir(&root);
         let device_id = args.device_id.clone().unwrap_or_else(host_name);
-        allow_agent(&bin, &state_dir, &device_id, &allowlist)?;
+        allow_agent(
+            Command::new(bin.join("blackbox-agent")),
+            &server_bin,
+            &state_dir,
+            &device_id,
+            &allowlist,
+        )?;
         let mut cmd = Command::new(bin.join("blackbox-agent"));
         cmd.arg("run")
             .arg("--server")
             .arg(format!("https://{health_addr}"))
             .arg("--server-ca")
-            .arg(tls.join("ca.pem"))
+            .arg(tls.ca())
             .arg("--state-dir")
             .arg(&state_dir)
             .arg("--kmsg")
@@ -156,7 +138,7 @@ pub(crate) fn run(args: RunArgs) -> Result<()> {
         );
         println!(
             "    Agents need --server-ca {} and their fingerprint on {}:",
-            tls.join("ca.pem").display(),
+            tls.ca().display(),
             allowlist.display()
         );
         println!(
@@ -271,10 +253,71 @@ fn print_where(store: &StoreArg, root: &Path, interval: u64) {
     println!();
 }
 
+/// The server's TLS files (made once by `blackbox-server tls init`) and its allowlist, in one
+/// directory.
+pub(crate) struct ServerTls {
+    dir: PathBuf,
+}
+
+impl ServerTls {
+    /// Makes the certificates and an empty allowlist in `dir`, unless they are there already.
+    pub(crate) fn ensure(server_bin: &Path, dir: PathBuf) -> Result<Self> {
+        let tls = Self { dir };
+        if !tls.dir.join("server.pem").exists() {
+            let mut init = Command::new(server_bin);
+            init.args(["tls", "init", "--dir"]).arg(&tls.dir);
+            println!("==> making the server certificate: {}", show(&init));
+            run_cmd(&mut init).context("blackbox-server tls init failed")?;
+        }
+        let allowlist = tls.allowlist();
+        if !allowlist.exists() {
+            std::fs::write(
+                &allowlist,
+                "# Device certificates allowed to write: `blackbox-agent identity` prints a line.\n",
+            )
+            .with_context(|| format!("creating {}", allowlist.display()))?;
+        }
+        Ok(tls)
+    }
+
+    /// The CA certificate agents take as `--server-ca`.
+    pub(crate) fn ca(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+
+    /// The allowlist file.
+    pub(crate) fn allowlist(&self) -> PathBuf {
+        self.dir.join("allowlist")
+    }
+
+    /// `blackbox-server serve` on `listen`, storing into `store`, with these files.
+    pub(crate) fn serve(&self, server_bin: &Path, listen: SocketAddr, store: &str) -> Command {
+        let mut cmd = Command::new(server_bin);
+        cmd.arg("serve")
+            .arg("--listen")
+            .arg(listen.to_string())
+            .arg("--store")
+            .arg(store)
+            .arg("--tls-cert")
+            .arg(self.dir.join("server.pem"))
+            .arg("--tls-key")
+            .arg(self.dir.join("server.key"))
+            .arg("--allowlist")
+            .arg(self.allowlist());
+        cmd
+    }
+}
+
 /// Makes the agent's identity (once) and puts its fingerprint on the allowlist, as an operator
-/// would with the line `blackbox-agent identity` prints.
-fn allow_agent(bin: &Path, state_dir: &Path, device_id: &str, allowlist: &Path) -> Result<()> {
-    let mut id = Command::new(bin.join("blackbox-agent"));
+/// would with the line `blackbox-agent identity` prints. `id` runs the agent binary (perhaps
+/// under an emulator); the arguments are added here.
+pub(crate) fn allow_agent(
+    mut id: Command,
+    server_bin: &Path,
+    state_dir: &Path,
+    device_id: &str,
+    allowlist: &Path,
+) -> Result<()> {
     id.arg("identity")
         .arg("--state-dir")
         .arg(state_dir)
@@ -303,7 +346,7 @@ fn allow_agent(bin: &Path, state_dir: &Path, device_id: &str, allowlist: &Path) 
         println!("    already on the allowlist");
         return Ok(());
     }
-    let mut allow = Command::new(bin.join("blackbox-server"));
+    let mut allow = Command::new(server_bin);
     allow
         .args([
             "devices",
@@ -349,7 +392,7 @@ fn loopback_for(listen: SocketAddr) -> SocketAddr {
     }
 }
 
-fn wait_healthy(addr: SocketAddr, server: &mut Proc, stop: &AtomicBool) -> Result<()> {
+pub(crate) fn wait_healthy(addr: SocketAddr, server: &mut Proc, stop: &AtomicBool) -> Result<()> {
     let deadline = Instant::now() + READY_TIMEOUT;
     loop {
         if let Some(status) = server.exited()? {
@@ -391,7 +434,7 @@ fn http_get_status(addr: SocketAddr, path: &str) -> io::Result<u16> {
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "not an HTTP response"))
 }
 
-fn target_dir(root: &Path) -> PathBuf {
+pub(crate) fn target_dir(root: &Path) -> PathBuf {
     match std::env::var_os("CARGO_TARGET_DIR") {
         Some(dir) => root.join(dir),
         None => root.join("target"),
@@ -420,14 +463,14 @@ fn host_name() -> String {
 }
 
 /// A child process that is stopped (SIGTERM, then SIGKILL) when dropped.
-struct Proc {
+pub(crate) struct Proc {
     name: &'static str,
     child: Child,
     status: Option<ExitStatus>,
 }
 
 impl Proc {
-    fn spawn(name: &'static str, mut cmd: Command) -> Result<Self> {
+    pub(crate) fn spawn(name: &'static str, mut cmd: Command) -> Result<Self> {
         // Its own process group: the terminal's Ctrl-C reaches only us.
         cmd.current_dir(project_root()).process_group(0);
         println!("==> starting {}", show(&cmd));
@@ -442,7 +485,7 @@ impl Proc {
     }
 
     /// The exit status, if the process has exited.
-    fn exited(&mut self) -> Result<Option<ExitStatus>> {
+    pub(crate) fn exited(&mut self) -> Result<Option<ExitStatus>> {
         if self.status.is_none() {
             self.status = self
                 .child
@@ -453,7 +496,7 @@ impl Proc {
     }
 
     /// SIGTERM, then SIGKILL if it has not exited after [`STOP_GRACE`]. Idempotent.
-    fn stop(&mut self) {
+    pub(crate) fn stop(&mut self) {
         if !matches!(self.exited(), Ok(None)) {
             return;
         }

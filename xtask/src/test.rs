@@ -10,7 +10,7 @@ use crate::{cargo, run_cmd, show, tools};
 const NO_STD_TARGET: &str = "thumbv7em-none-eabihf";
 
 /// Number of steps, for the `[n/STEPS]` progress prefix.
-const STEPS: usize = 5;
+const STEPS: usize = 6;
 
 pub(crate) fn run() -> Result<()> {
     announce(
@@ -65,6 +65,22 @@ pub(crate) fn run() -> Result<()> {
     test.env("BLACKBOX_WEED", &weed);
     test.env("BLACKBOX_PYTHON", &python);
     step(5, "test", &mut test, "see the failing tests above")?;
+    // The static agents for the 64-bit targets, run under qemu-user against a real server. The
+    // 32-bit targets build std from source (minutes more each): `cargo xtask dist --smoke`.
+    step(
+        6,
+        "dist-smoke",
+        &mut cargo([
+            "xtask",
+            "dist",
+            "--target",
+            "x86_64-unknown-linux-musl",
+            "--target",
+            "aarch64-unknown-linux-musl",
+            "--smoke",
+        ]),
+        "see the FAIL lines above",
+    )?;
 
     println!("==> all {STEPS} steps passed");
     Ok(())

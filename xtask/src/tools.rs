@@ -55,11 +55,15 @@ pub(crate) fn ensure_weed() -> Result<PathBuf> {
 
 /// Makes sure the tools venv exists; returns its python.
 pub(crate) fn ensure_venv() -> Result<PathBuf> {
-    let venv = venv_dir();
+    ensure_venv_at(&venv_dir())
+}
+
+/// Makes sure a Python venv exists at `venv`; returns its python.
+pub(crate) fn ensure_venv_at(venv: &Path) -> Result<PathBuf> {
     let python = venv.join("bin/python");
     if !python.exists() {
         let mut cmd = Command::new("python3");
-        cmd.args(["-m", "venv", "--clear"]).arg(&venv);
+        cmd.args(["-m", "venv", "--clear"]).arg(venv);
         eprintln!("    {}", show(&cmd));
         run_cmd(&mut cmd).context(
             "could not create a Python venv for the test tools: install python3 with its venv \
