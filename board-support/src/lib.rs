@@ -2,10 +2,11 @@
 //! ramoops region, and what the kernel must be told so that neither is used as ordinary RAM.
 //!
 //! One [`Board`] per board, all in [`BOARDS`]. The agent reads it for `--board NAME` (the ring's
-//! physical address and size); `cargo xtask dist` writes the kernel command-line fragment or the
-//! device-tree `reserved-memory` nodes into the firmware overlay; `cargo xtask qemu` boots the
-//! QEMU boards with the same numbers. Nothing here allocates: `no_std`, every text is produced
-//! through [`core::fmt::Display`].
+//! physical address and size); `cargo xtask dist` writes the kernel command-line fragment and,
+//! on device-tree boards, the `reserved-memory` nodes into the firmware overlay (the rest of the
+//! overlay is templates in `overlay/`); `cargo xtask qemu` boots the QEMU boards with the same
+//! numbers. Nothing here allocates: `no_std`, every text is produced through
+//! [`core::fmt::Display`].
 //!
 //! # Adding a board
 //! Add one `Board` constant and list it in [`BOARDS`]: pick two regions of RAM the bootloader and

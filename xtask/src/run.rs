@@ -83,9 +83,10 @@ pub(crate) fn run(args: RunArgs) -> Result<()> {
     let stop = stop_flag()?;
 
     // The server's certificate, made once and kept with the data.
-    let tls = ServerTls::init(&bin, &store.base_dir(&root).join("tls"))?;
-    let allowlist = tls.allowlist.clone();
-    let cmd = tls.serve(&bin, args.listen, &store.arg);
+    let server_bin = bin.join("blackbox-server");
+    let tls = ServerTls::ensure(&server_bin, store.base_dir(&root).join("tls"))?;
+    let allowlist = tls.allowlist();
+    let cmd = tls.serve(&server_bin, args.listen, &store.arg);
     let mut server = Proc::spawn("blackbox-server", cmd)?;
     wait_healthy(health_addr, &mut server, &stop)?;
 
@@ -93,13 +94,19 @@ pub(crate) fn run(args: RunArgs) -> Result<()> {
     if !args.server_only {
         let state_dir = store.agent_state_dir(&root);
         let device_id = args.device_id.clone().unwrap_or_else(host_name);
-        allow_agent(&bin, &state_dir, &device_id, &allowlist)?;
+        allow_agent(
+            Command::new(bin.join("blackbox-agent")),
+            &server_bin,
+            &state_dir,
+            &device_id,
+            &allowlist,
+        )?;
         let mut cmd = Command::new(bin.join("blackbox-agent"));
         cmd.arg("run")
             .arg("--server")
             .arg(format!("https://{health_addr}"))
             .arg("--server-ca")
-            .arg(&tls.ca)
+            .arg(tls.ca())
             .arg("--state-dir")
             .arg(&state_dir)
             .arg("--kmsg")
@@ -140,7 +147,7 @@ pub(crate) fn run(args: RunArgs) -> Result<()> {
         );
         println!(
             "    Agents need --server-ca {} and their fingerprint on {}:",
-            tls.ca.display(),
+            tls.ca().display(),
             allowlist.display()
         );
         println!(
@@ -202,60 +209,6 @@ pub(crate) fn stop_flag() -> Result<Arc<AtomicBool>> {
             .context("installing the Ctrl-C handler")?;
     }
     Ok(stop)
-}
-
-/// The server's TLS files in one directory: made once by `blackbox-server tls init` (a CA and a
-/// server certificate for localhost, 127.0.0.1, ::1 and 10.0.2.2), plus an allowlist.
-pub(crate) struct ServerTls {
-    /// The CA certificate agents check the server against (`--server-ca`).
-    pub(crate) ca: PathBuf,
-    cert: PathBuf,
-    key: PathBuf,
-    /// The allowlist the server reads.
-    pub(crate) allowlist: PathBuf,
-}
-
-impl ServerTls {
-    /// Makes the files in `dir` unless they are there already.
-    pub(crate) fn init(bin: &Path, dir: &Path) -> Result<Self> {
-        let tls = Self {
-            ca: dir.join("ca.pem"),
-            cert: dir.join("server.pem"),
-            key: dir.join("server.key"),
-            allowlist: dir.join("allowlist"),
-        };
-        if !tls.cert.exists() {
-            let mut init = Command::new(bin.join("blackbox-server"));
-            init.args(["tls", "init", "--dir"]).arg(dir);
-            println!("==> making the server certificate: {}", show(&init));
-            run_cmd(&mut init).context("blackbox-server tls init failed")?;
-        }
-        if !tls.allowlist.exists() {
-            std::fs::write(
-                &tls.allowlist,
-                "# Device certificates allowed to write: `blackbox-agent identity` prints a line.\n",
-            )
-            .with_context(|| format!("creating {}", tls.allowlist.display()))?;
-        }
-        Ok(tls)
-    }
-
-    /// `blackbox-server serve` on `listen`, storing into `store`, with these files.
-    pub(crate) fn serve(&self, bin: &Path, listen: SocketAddr, store: &str) -> Command {
-        let mut cmd = Command::new(bin.join("blackbox-server"));
-        cmd.arg("serve")
-            .arg("--listen")
-            .arg(listen.to_string())
-            .arg("--store")
-            .arg(store)
-            .arg("--tls-cert")
-            .arg(&self.cert)
-            .arg("--tls-key")
-            .arg(&self.key)
-            .arg("--allowlist")
-            .arg(&self.allowlist);
-        cmd
-    }
 }
 
 /// The `--store` argument as the server gets it: an absolute directory, or a URL unchanged.
@@ -340,15 +293,71 @@ fn print_where(store: &StoreArg, root: &Path, interval: u64) {
     println!();
 }
 
+/// The server's TLS files (made once by `blackbox-server tls init`) and its allowlist, in one
+/// directory.
+pub(crate) struct ServerTls {
+    dir: PathBuf,
+}
+
+impl ServerTls {
+    /// Makes the certificates and an empty allowlist in `dir`, unless they are there already.
+    pub(crate) fn ensure(server_bin: &Path, dir: PathBuf) -> Result<Self> {
+        let tls = Self { dir };
+        if !tls.dir.join("server.pem").exists() {
+            let mut init = Command::new(server_bin);
+            init.args(["tls", "init", "--dir"]).arg(&tls.dir);
+            println!("==> making the server certificate: {}", show(&init));
+            run_cmd(&mut init).context("blackbox-server tls init failed")?;
+        }
+        let allowlist = tls.allowlist();
+        if !allowlist.exists() {
+            std::fs::write(
+                &allowlist,
+                "# Device certificates allowed to write: `blackbox-agent identity` prints a line.\n",
+            )
+            .with_context(|| format!("creating {}", allowlist.display()))?;
+        }
+        Ok(tls)
+    }
+
+    /// The CA certificate agents take as `--server-ca`.
+    pub(crate) fn ca(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+
+    /// The allowlist file.
+    pub(crate) fn allowlist(&self) -> PathBuf {
+        self.dir.join("allowlist")
+    }
+
+    /// `blackbox-server serve` on `listen`, storing into `store`, with these files.
+    pub(crate) fn serve(&self, server_bin: &Path, listen: SocketAddr, store: &str) -> Command {
+        let mut cmd = Command::new(server_bin);
+        cmd.arg("serve")
+            .arg("--listen")
+            .arg(listen.to_string())
+            .arg("--store")
+            .arg(store)
+            .arg("--tls-cert")
+            .arg(self.dir.join("server.pem"))
+            .arg("--tls-key")
+            .arg(self.dir.join("server.key"))
+            .arg("--allowlist")
+            .arg(self.allowlist());
+        cmd
+    }
+}
+
 /// Makes the agent's identity (once) and puts its fingerprint on the allowlist, as an operator
-/// would with the line `blackbox-agent identity` prints.
+/// would with the line `blackbox-agent identity` prints. `id` runs the agent binary (perhaps
+/// under an emulator); the arguments are added here.
 pub(crate) fn allow_agent(
-    bin: &Path,
+    mut id: Command,
+    server_bin: &Path,
     state_dir: &Path,
     device_id: &str,
     allowlist: &Path,
 ) -> Result<()> {
-    let mut id = Command::new(bin.join("blackbox-agent"));
     id.arg("identity")
         .arg("--state-dir")
         .arg(state_dir)
@@ -377,7 +386,7 @@ pub(crate) fn allow_agent(
         println!("    already on the allowlist");
         return Ok(());
     }
-    let mut allow = Command::new(bin.join("blackbox-server"));
+    let mut allow = Command::new(server_bin);
     allow
         .args([
             "devices",

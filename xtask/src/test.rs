@@ -4,13 +4,13 @@ use std::process::Command;
 
 use anyhow::{Context, Result};
 
-use crate::{cargo, qemu, run_cmd, show, tools};
+use crate::{apt, cargo, qemu, run_cmd, show, tools};
 
 /// A bare-metal target with no std, for the no_std check.
 const NO_STD_TARGET: &str = "thumbv7em-none-eabihf";
 
 /// Number of steps, for the `[n/STEPS]` progress prefix.
-const STEPS: usize = 6;
+const STEPS: usize = 7;
 
 pub(crate) fn run() -> Result<()> {
     announce(
@@ -21,7 +21,7 @@ pub(crate) fn run() -> Result<()> {
     let weed = tools::ensure_weed().context("step `install-test-deps` failed")?;
     let python = tools::ensure_duckdb().context("step `install-test-deps` failed")?;
     // The syslog test's senders: busybox `logger` and util-linux `logger`.
-    tools::ensure_debian_packages(&[("busybox", "busybox-static"), ("logger", "bsdutils")])
+    apt::ensure_programs(&[("busybox", "busybox-static"), ("logger", "bsdutils")])
         .context("step `install-test-deps` failed")?;
 
     step(
@@ -79,6 +79,22 @@ pub(crate) fn run() -> Result<()> {
         qemu::ci(arch)
             .with_context(|| format!("step `qemu` failed on {arch}: see the report above"))?;
     }
+    // The static agents for the 64-bit targets, run under qemu-user against a real server. The
+    // 32-bit targets build std from source (minutes more each): `cargo xtask dist --smoke`.
+    step(
+        7,
+        "dist-smoke",
+        &mut cargo([
+            "xtask",
+            "dist",
+            "--target",
+            "x86_64-unknown-linux-musl",
+            "--target",
+            "aarch64-unknown-linux-musl",
+            "--smoke",
+        ]),
+        "see the FAIL lines above",
+    )?;
 
     println!("==> all {STEPS} steps passed");
     Ok(())

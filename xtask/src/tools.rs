@@ -55,11 +55,15 @@ pub(crate) fn ensure_weed() -> Result<PathBuf> {
 
 /// Makes sure the tools venv exists; returns its python.
 pub(crate) fn ensure_venv() -> Result<PathBuf> {
-    let venv = venv_dir();
+    ensure_venv_at(&venv_dir())
+}
+
+/// Makes sure a Python venv exists at `venv`; returns its python.
+pub(crate) fn ensure_venv_at(venv: &Path) -> Result<PathBuf> {
     let python = venv.join("bin/python");
     if !python.exists() {
         let mut cmd = Command::new("python3");
-        cmd.args(["-m", "venv", "--clear"]).arg(&venv);
+        cmd.args(["-m", "venv", "--clear"]).arg(venv);
         eprintln!("    {}", show(&cmd));
         run_cmd(&mut cmd).context(
             "could not create a Python venv for the test tools: install python3 with its venv \
@@ -113,41 +117,4 @@ pub(crate) fn pip_install(python: &Path, requirement: &str) -> Result<()> {
     ]);
     eprintln!("    {}", show(&cmd));
     run_cmd(&mut cmd)
-}
-
-/// Makes sure each `(command, Debian package)` pair's command is on PATH, installing the
-/// missing packages with apt-get (running `apt-get update` first if the install fails).
-pub(crate) fn ensure_debian_packages(wanted: &[(&str, &str)]) -> Result<()> {
-    let missing: Vec<&str> = wanted
-        .iter()
-        .filter(|(cmd, _)| !on_path(cmd))
-        .map(|&(_, pkg)| pkg)
-        .collect();
-    if missing.is_empty() {
-        return Ok(());
-    }
-    let install = || {
-        let mut cmd = Command::new("apt-get");
-        cmd.args(["install", "-y", "--no-install-recommends"])
-            .args(&missing)
-            .env("DEBIAN_FRONTEND", "noninteractive");
-        eprintln!("    {}", show(&cmd));
-        run_cmd(&mut cmd)
-    };
-    if install().is_err() {
-        run_cmd(Command::new("apt-get").arg("update")).context("apt-get update failed")?;
-        install().with_context(|| {
-            format!(
-                "could not install {} with apt-get (as root on Debian/Ubuntu)",
-                missing.join(" ")
-            )
-        })?;
-    }
-    Ok(())
-}
-
-/// Whether `cmd` is an executable file in a PATH directory.
-pub(crate) fn on_path(cmd: &str) -> bool {
-    std::env::var_os("PATH")
-        .is_some_and(|paths| std::env::split_paths(&paths).any(|d| d.join(cmd).is_file()))
 }

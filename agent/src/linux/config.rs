@@ -172,4 +172,39 @@ mod tests {
         assert!(Config::load(Path::new("/nonexistent/agent.toml"), false).is_ok());
         assert!(Config::load(Path::new("/nonexistent/agent.toml"), true).is_err());
     }
+
+    /// The `agent.toml` that `cargo xtask dist` puts into every firmware overlay parses, for
+    /// every board, both as shipped and with each commented-out setting switched on: so neither
+    /// the file nor its examples can drift from what the agent accepts.
+    #[test]
+    fn the_overlay_agent_toml_parses_for_every_board() {
+        let template = include_str!("../../../board-support/overlay/etc/blackbox/agent.toml");
+        // `# key = value` and `# [table]` lines are examples; other comments are prose.
+        let uncommented: String = template
+            .lines()
+            .map(|line| match line.strip_prefix("# ") {
+                Some(rest)
+                    if rest.starts_with('[')
+                        || rest.split_once(" = ").is_some_and(|(k, _)| {
+                            k.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+                        }) =>
+                {
+                    rest
+                }
+                _ => line,
+            })
+            .fold(String::new(), |acc, l| acc + l + "\n");
+        assert_ne!(uncommented, template, "the template shows no examples");
+        for b in blackbox_board::BOARDS {
+            for text in [template, uncommented.as_str()] {
+                let c = Config::parse(&text.replace("@BOARD@", b.name))
+                    .unwrap_or_else(|e| panic!("{}: {e:#}\n{text}", b.name));
+                assert_eq!(c.run.board.as_deref(), Some(b.name));
+                assert!(c.run.server.is_some() && c.run.server_ca.is_some());
+            }
+        }
+        let full = Config::parse(&uncommented.replace("@BOARD@", "qemu-x86_64")).unwrap();
+        assert!(full.run.device_id.is_some() && full.run.interval.is_some());
+        assert!(!full.logos.app.is_empty());
+    }
 }
