@@ -39,6 +39,18 @@ pub trait LogBuffer {
     /// The oldest sealed chunk not acknowledged yet.
     fn next_unacked(&mut self) -> Result<Option<Sealed>, Self::Error>;
 
+    /// The oldest sealed chunks not acknowledged yet, to send in one request: at least one if
+    /// any is waiting, at most `max_chunks`, and more than one only while their bytes stay
+    /// within `max_bytes`. Acknowledge them in the order given.
+    fn next_batch(
+        &mut self,
+        max_chunks: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<Sealed>, Self::Error> {
+        let _ = (max_chunks, max_bytes);
+        Ok(self.next_unacked()?.into_iter().collect())
+    }
+
     /// The server acknowledged `id`: it will never be sent again.
     fn ack(&mut self, id: &ChunkId) -> Result<(), Self::Error>;
 

@@ -1140,6 +1140,34 @@ impl<M: Region> Ring<M> {
         })
     }
 
+    /// The item to upload right after `item` in the same request, if it is a sealed block that
+    /// directly follows it: a batch is a run of consecutive blocks, ending before the open block
+    /// or before a gap entry that is due first. Acknowledging the run's items in order is
+    /// acknowledging each as the oldest.
+    pub fn unacked_after(&self, item: &Item) -> Option<Item> {
+        let Item::Block { index, gen_ } = *item else {
+            return None;
+        };
+        let live = self.live();
+        let pos = live.iter().position(|&i| i == index)?;
+        if self.blocks[index as usize].gen_ != gen_ {
+            return None;
+        }
+        let next = *live.get(pos + 1)?;
+        if Some(next) == self.open {
+            return None;
+        }
+        let b = &self.blocks[next as usize];
+        if b.gen_ <= self.st.acked_gen || self.gaps().first().is_some_and(|g| g.after_gen < b.gen_)
+        {
+            return None;
+        }
+        Some(Item::Block {
+            index: next,
+            gen_: b.gen_,
+        })
+    }
+
     /// The server acknowledged `item` (which [`Ring::next_unacked`] returned). Returns false
     /// if it no longer is the oldest unacknowledged item (it was dropped meanwhile).
     pub fn ack(&mut self, item: &Item) -> bool {

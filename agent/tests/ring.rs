@@ -315,32 +315,59 @@ proptest! {
     /// the network returns every record is delivered once or counted in a gap — never both,
     /// never neither.
     #[test]
-    fn outage_keeps_head_and_tail(n in 500u64..3000, len in 10usize..200, keep in 0u8..=100, online_every in 0u64..400) {
+    fn outage_keeps_head_and_tail(n in 500u64..3000, len in 10usize..200, keep in 0u8..=100, online_every in 0u64..400, batch in 1usize..10) {
         let c = RingConfig { keep_oldest_pct: keep, block_size: Some(BLOCK) };
         let mut r = Ring::format(vec![0u8; REGION], boot(1), c).map_err(|(_, e)| e).expect("format");
         let b = boot(1);
         let mut delivered: Vec<u64> = Vec::new();
         let mut lost: Vec<(u64, u64, u64)> = Vec::new();
-        let drain = |r: &mut Ring<Vec<u8>>, delivered: &mut Vec<u64>, lost: &mut Vec<(u64, u64, u64)>| {
-            while let Some(it) = r.next_unacked() {
-                match it {
-                    Item::Gap(g) => lost.push((g.first, g.last, g.count)),
-                    Item::Block { index, .. } => delivered.extend(r.records(index).map(|e| e.seq)),
+        // What the agent sends in one request: the oldest item and the blocks right behind it.
+        let hand_out = |r: &mut Ring<Vec<u8>>| {
+            let mut run: Vec<(Item, Vec<u64>)> = Vec::new();
+            let mut next = r.next_unacked();
+            while let Some(it) = next.filter(|_| run.len() < batch) {
+                let seqs = match it {
+                    Item::Block { index, .. } => r.records(index).map(|e| e.seq).collect(),
+                    Item::Gap(_) => Vec::new(),
+                };
+                run.push((it, seqs));
+                next = r.unacked_after(&it);
+            }
+            run
+        };
+        // The server's answer: the items are acknowledged in order. An item the ring dropped
+        // (or put behind a gap) meanwhile is not acknowledged; it comes back, or is in a gap.
+        let answer = |r: &mut Ring<Vec<u8>>, run: Vec<(Item, Vec<u64>)>, delivered: &mut Vec<u64>, lost: &mut Vec<(u64, u64, u64)>| {
+            for (it, seqs) in run {
+                if r.ack(&it) {
+                    match it {
+                        Item::Gap(g) => lost.push((g.first, g.last, g.count)),
+                        Item::Block { .. } => delivered.extend(seqs),
+                    }
                 }
-                assert!(r.ack(&it));
             }
         };
+        let mut in_flight = Vec::new();
         for seq in 0..n {
             let msg = vec![b'x'; len];
             r.append(&b, &log_entry(seq, &msg), &sync(seq)).expect("append");
             if online_every > 0 && seq % online_every == 0 && seq > n / 2 {
+                // Records keep arriving while a batch is on its way.
+                answer(&mut r, std::mem::take(&mut in_flight), &mut delivered, &mut lost);
                 r.seal(&sync(seq));
-                drain(&mut r, &mut delivered, &mut lost);
+                in_flight = hand_out(&mut r);
             }
         }
+        answer(&mut r, in_flight, &mut delivered, &mut lost);
         // The oldest records are still there (the head of the outage) unless keep is 0.
         r.seal(&sync(n));
-        drain(&mut r, &mut delivered, &mut lost);
+        loop {
+            let run = hand_out(&mut r);
+            if run.is_empty() {
+                break;
+            }
+            answer(&mut r, run, &mut delivered, &mut lost);
+        }
         let mut all: Vec<u64> = delivered.clone();
         for (f, l, cnt) in &lost {
             prop_assert_eq!(l - f + 1, *cnt, "gap count is exact");

@@ -1,9 +1,13 @@
 //! The HTTP face: `POST /v1/chunks`, `GET /healthz`, load shedding in front; and the operator's
 //! router ([`ops_app`]: `GET /metrics`, `GET /healthz`) for the `--metrics-listen` port.
 //!
+//! A body is one chunk or several back to back (a batch, laid out as in a segment): each is
+//! checked, all must pass (else 400 naming the bad one, nothing stored), each is stored once,
+//! and one answer covers them all.
+//!
 //! | answer | meaning |
 //! |---|---|
-//! | 201 | stored now (durably, in a segment) |
+//! | 201 | stored now (durably, in a segment); for a batch, at least one chunk was new |
 //! | 200 | already stored (a retry recognised by its identity) |
 //! | 400 | invalid chunk, with the reason |
 //! | 401 / 403 | no device identity / device not allowed, or chunk claims another device |
@@ -254,6 +258,16 @@ pub enum ApiError {
     /// The chunk failed the checked parse.
     #[error("invalid chunk: {0}")]
     Invalid(DecodeError),
+    /// One chunk of a request carrying several failed the checked parse; none was stored.
+    #[error("invalid chunk {index} of {count} in the request (none stored): {error}")]
+    InvalidIn {
+        /// Its place in the body, from 1.
+        index: usize,
+        /// Well-framed chunks in the body.
+        count: usize,
+        /// What was wrong.
+        error: DecodeError,
+    },
     /// Over a size limit.
     #[error("too large: {0}")]
     TooLarge(String),
@@ -297,10 +311,15 @@ fn shed_reason(s: Shed) -> &'static str {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, retry) = match &self {
-            Self::Invalid(DecodeError::LimitExceeded { .. }) | Self::TooLarge(_) => {
-                (StatusCode::PAYLOAD_TOO_LARGE, None)
+            Self::Invalid(DecodeError::LimitExceeded { .. })
+            | Self::InvalidIn {
+                error: DecodeError::LimitExceeded { .. },
+                ..
             }
-            Self::Invalid(_) | Self::Body(_) => (StatusCode::BAD_REQUEST, None),
+            | Self::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, None),
+            Self::Invalid(_) | Self::InvalidIn { .. } | Self::Body(_) => {
+                (StatusCode::BAD_REQUEST, None)
+            }
             Self::Unauthenticated(_) => (StatusCode::UNAUTHORIZED, None),
             Self::WrongDevice { .. } | Self::NotAllowed(_) => (StatusCode::FORBIDDEN, None),
             Self::Timeout(_) => (StatusCode::REQUEST_TIMEOUT, None),
@@ -460,7 +479,7 @@ async fn post_chunk(
         })?;
     let bytes = read_body(body, declared, &st.cfg).await?;
     st.metrics.body_bytes(bytes.len());
-    let accepted = {
+    let members = {
         let _decoder = tokio::time::timeout(st.cfg.decode_wait, st.decoders.acquire())
             .await
             .ok()
@@ -471,41 +490,134 @@ async fn post_chunk(
             })?;
         let limits = st.cfg.limits;
         let b2 = bytes.clone();
-        // Only the summary leaves the blocking thread: the decoded records are freed there.
-        tokio::task::spawn_blocking(move || Chunk::decode(&b2, &limits).map(|c| Accepted::of(&c)))
+        // Only the summaries leave the blocking thread: the decoded records are freed there.
+        tokio::task::spawn_blocking(move || decode_body(&b2, &limits))
             .await
-            .map_err(|e| ApiError::Body(format!("decoder failed: {e}")))?
-            .map_err(ApiError::Invalid)?
+            .map_err(|e| ApiError::Body(format!("decoder failed: {e}")))??
     };
-    if accepted.id.device != device {
+    if let Some(m) = members.iter().find(|m| m.accepted.id.device != device) {
         return Err(ApiError::WrongDevice {
-            claimed: accepted.id.device.to_string(),
+            claimed: m.accepted.id.device.to_string(),
             actual: device.to_string(),
         });
     }
-    let id = accepted.id.to_string();
-    let records = accepted.records;
     let retry = st.cfg.retry_after_secs;
-    let pending = st
-        .committer
-        .enqueue(accepted, bytes, Some(budget))
-        .await
-        .map_err(|e| ApiError::Commit(e, retry))?;
-    // Received and checked: the chunk now only waits for its segment.
+    let single = members.len() == 1;
+    let mut budget = Some(budget);
+    let mut waiting = Vec::with_capacity(members.len());
+    let count = members.len();
+    for (k, m) in members.into_iter().enumerate() {
+        // Each chunk carries its share of the reservation into the segment; the last the rest.
+        let share = if k + 1 == count {
+            budget.take()
+        } else {
+            budget.as_mut().and_then(|b| b.split(m.range.len()))
+        };
+        let id = m.accepted.id.to_string();
+        let records = m.accepted.records;
+        let pending = st
+            .committer
+            .enqueue(m.accepted, bytes.slice(m.range), share)
+            .await
+            .map_err(|e| ApiError::Commit(e, retry))?;
+        waiting.push((id, records, pending));
+    }
+    // Received and checked: the chunks now only wait for their segment.
     if let Some(Extension(slot)) = slot {
         slot.release();
     }
     let _waiting = st.metrics.awaiting_commit();
-    match pending.outcome().await {
-        Ok(Outcome::Stored { segment }) => Ok((
-            StatusCode::CREATED,
-            axum::Json(serde_json::json!({"status": "stored", "chunk": id, "records": records, "segment": segment})),
-        )
-            .into_response()),
-        Ok(Outcome::Duplicate) => {
-            Ok((StatusCode::OK, axum::Json(serde_json::json!({"status": "duplicate", "chunk": id}))).into_response())
+    let mut answers = Vec::with_capacity(waiting.len());
+    let mut stored = false;
+    for (id, records, pending) in waiting {
+        answers.push(match pending.outcome().await {
+            Ok(Outcome::Stored { segment }) => {
+                stored = true;
+                serde_json::json!({"status": "stored", "chunk": id, "records": records, "segment": segment})
+            }
+            Ok(Outcome::Duplicate) => serde_json::json!({"status": "duplicate", "chunk": id}),
+            Err(e) => return Err(ApiError::Commit(e, retry)),
+        });
+    }
+    let status = if stored {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    let body = match answers.pop() {
+        Some(one) if single => one,
+        last => {
+            answers.extend(last);
+            let word = if stored { "stored" } else { "duplicate" };
+            serde_json::json!({"status": word, "chunks": answers})
         }
-        Err(e) => Err(ApiError::Commit(e, retry)),
+    };
+    Ok((status, axum::Json(body)).into_response())
+}
+
+/// One chunk of a request body.
+struct Member {
+    /// Where it lies in the body.
+    range: std::ops::Range<usize>,
+    /// What it holds.
+    accepted: Accepted,
+}
+
+/// The chunks of a body: one, or several back to back (an agent sends its backlog in batches,
+/// laid out as in a segment). Every chunk gets the full checked parse; one bad chunk refuses
+/// the whole request, naming it, so the client can find it by sending one at a time.
+fn decode_body(bytes: &[u8], limits: &Limits) -> Result<Vec<Member>, ApiError> {
+    let mut members = Vec::new();
+    let mut walked = 0;
+    let mut failed = None;
+    let mut walk = blackbox_protocol::chunk::walk_members(bytes).enumerate();
+    for (k, m) in walk.by_ref() {
+        walked = k + 1;
+        match m {
+            Ok((at, header)) => {
+                let range = usize::try_from(at)
+                    .ok()
+                    .zip(usize::try_from(header.member_len()).ok())
+                    .and_then(|(at, len)| Some(at..at.checked_add(len)?));
+                let Some(range) = range else {
+                    failed = Some((k, DecodeError::Truncated { what: "member" }));
+                    break;
+                };
+                match bytes.get(range.clone()).map(|b| Chunk::decode(b, limits)) {
+                    Some(Ok(c)) => members.push(Member {
+                        range,
+                        accepted: Accepted::of(&c),
+                    }),
+                    Some(Err(e)) => {
+                        failed = Some((k, e));
+                        // Count the well-framed chunks behind it, for the message.
+                        walked += walk.by_ref().take_while(|(_, m)| m.is_ok()).count();
+                        break;
+                    }
+                    None => {
+                        failed = Some((k, DecodeError::Truncated { what: "member" }));
+                        break;
+                    }
+                }
+            }
+            Err(e) => {
+                failed = Some((k, e));
+                break;
+            }
+        }
+    }
+    match failed {
+        // The first (perhaps only) chunk: the error as for a single chunk.
+        Some((0, error)) => Err(ApiError::Invalid(error)),
+        None if members.is_empty() => Err(ApiError::Invalid(DecodeError::Truncated {
+            what: "chunk header",
+        })),
+        Some((k, error)) => Err(ApiError::InvalidIn {
+            index: k + 1,
+            count: walked.max(k + 1),
+            error,
+        }),
+        None => Ok(members),
     }
 }
 

@@ -430,3 +430,77 @@ async fn metrics_count_answers_bytes_chunks_and_duplicates() {
         assert!(text.lines().any(|l| l == want), "{want:?} missing:\n{text}");
     }
 }
+
+/// An agent sends its backlog as several chunks back to back in one body (as they lie in a
+/// segment): each is checked and stored once, and the answer covers all of them.
+#[tokio::test]
+async fn a_batch_of_chunks_is_stored_whole_and_recognised_on_retry() {
+    let (app, store) = setup(ReceiveConfig::default()).await;
+    let chunks = [good_from(0, 5), good_from(5, 5), good_from(10, 5)];
+    let body = chunks.concat();
+    let (s1, b1, _) = post(&app, body.clone()).await;
+    assert_eq!(s1, StatusCode::CREATED, "{b1}");
+    let v: serde_json::Value = serde_json::from_str(&b1).unwrap();
+    let answers = v["chunks"].as_array().unwrap();
+    assert_eq!(answers.len(), 3, "{b1}");
+    assert!(answers.iter().all(|a| a["status"] == "stored"), "{b1}");
+    // The retry of a batch whose answer was lost: every chunk is a duplicate.
+    let (s2, b2, _) = post(&app, body.clone()).await;
+    assert_eq!(s2, StatusCode::OK, "{b2}");
+    // A batch overlapping a stored one: only the new chunk is stored.
+    let (s3, b3, _) = post(&app, [chunks[2].clone(), good_from(15, 5)].concat()).await;
+    assert_eq!(s3, StatusCode::CREATED, "{b3}");
+    assert!(b3.contains("duplicate") && b3.contains("stored"), "{b3}");
+    let mut stored = 0;
+    for key in store.list("raw/").await.unwrap() {
+        if key.ends_with(".seg.gz") {
+            let seg = store.get(&key).await.unwrap();
+            stored += blackbox_protocol::chunk::walk_members(&seg).count();
+        }
+    }
+    assert_eq!(stored, 4, "each chunk stored once");
+}
+
+/// One bad chunk refuses the whole batch, naming it, and nothing of the batch is stored (the
+/// agent then sends one at a time, so that only the bad one is set aside).
+#[tokio::test]
+async fn a_batch_with_a_bad_or_foreign_chunk_is_refused_whole() {
+    let (app, store) = setup(ReceiveConfig::default()).await;
+    let mut bad = good_from(5, 5);
+    let n = bad.len();
+    bad[n - 7] ^= 0x40;
+    let (status, text, _) = post(&app, [good_from(0, 5), bad, good_from(10, 5)].concat()).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{text}");
+    assert!(
+        text.contains("chunk 2 of 3") && text.contains("CRC32"),
+        "{text}"
+    );
+    // Garbage after two good chunks.
+    let (status, text, _) = post(
+        &app,
+        [good_from(0, 5), good_from(5, 5), b"junk".to_vec()].concat(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{text}");
+    assert!(text.contains("chunk 3 of 3"), "{text}");
+    // Another device's chunk in the batch.
+    let other = Chunk::new(
+        DeviceId::new("other").unwrap(),
+        BootId([1; 16]),
+        SyncPoint::default(),
+        vec![Record {
+            seq: 9,
+            mono_us: 9,
+            level: 6,
+            facility: 1,
+            origin: Origin::Kmsg,
+            msg: b"x".to_vec(),
+        }],
+    )
+    .unwrap()
+    .encode(6, &Limits::DEFAULT)
+    .unwrap();
+    let (status, text, _) = post(&app, [good_from(0, 5), other].concat()).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{text}");
+    assert_nothing_stored(&store).await;
+}

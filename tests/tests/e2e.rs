@@ -415,3 +415,152 @@ fn sigterm_uploads_what_is_waiting_then_exits() {
     );
     assert!(agent.log_text().contains("stopping: uploading"));
 }
+
+/// A metric's value in Prometheus text (`name value` or `name{labels} value`).
+fn metric(text: &str, name: &str) -> u64 {
+    text.lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// A backlog of many ring blocks goes up many chunks to a request: with the server's default
+/// one-second group commit, one chunk per request would take minutes for this backlog (and cap
+/// a device at a block a second). Every line still arrives exactly once, in order.
+#[test]
+fn a_backlog_goes_up_in_batches_of_chunks() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = format!("file://{}", tmp.path().join("store").display());
+    let mport = blackbox_tests::harness::free_port();
+    let server = Server::start(
+        &store,
+        vec![],
+        &["--metrics-listen", &format!("127.0.0.1:{mport}")],
+        tmp.path(),
+    );
+    let mut kmsg = KmsgFile::new(tmp.path().join("kmsg"));
+    let total = 20_000u64;
+    kmsg.append(total, "app");
+    let agent = Agent::start(
+        &server.url(),
+        &tmp.path().join("state"),
+        &kmsg.path,
+        "dev-b",
+        &["--interval", "1", "--block-size", "4096"],
+    );
+    let stored = || read_store(&store, &[]).len() as u64 >= total;
+    let ok = wait_until(Duration::from_secs(120), stored);
+    let seqs = seqs_by_device(&read_store(&store, &[]))
+        .remove("dev-b")
+        .unwrap_or_default();
+    assert!(
+        ok,
+        "{} of {total} lines stored; agent log:\n{}",
+        seqs.len(),
+        agent.log_text()
+    );
+    assert_eq!(
+        seqs,
+        (0..total).collect::<Vec<u64>>(),
+        "exactly once, in order"
+    );
+    let text = ureq::get(format!("http://127.0.0.1:{mport}/metrics"))
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap();
+    let chunks = metric(&text, "blackbox_chunks_stored_total");
+    let requests = metric(&text, "blackbox_http_requests_total{status=\"201\"}");
+    assert!(chunks >= 200, "{chunks} chunks: the blocks were not small");
+    assert!(
+        requests * 8 <= chunks,
+        "{chunks} chunks took {requests} requests: not batched\n{text}"
+    );
+}
+
+/// A batch the server refuses (one chunk in it is over the server's inflated-size limit) is sent
+/// again one chunk at a time: the bad chunks are set aside in `STATE/rejected/` with the
+/// reason, every other chunk is stored, and no line is lost without a trace: each is stored or
+/// in a rejected file, never both.
+#[test]
+fn a_refused_batch_is_resent_one_by_one_and_only_bad_chunks_are_set_aside() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = format!("file://{}", tmp.path().join("store").display());
+    // Few long lines make a small chunk; many short lines (the per-line JSON fields) a big one.
+    let server = Server::start(
+        &store,
+        vec![],
+        &["--segment-max-age-ms", "100", "--max-decompressed", "20000"],
+        tmp.path(),
+    );
+    let mut kmsg = KmsgFile::new(tmp.path().join("kmsg"));
+    let long = "L".repeat(900);
+    kmsg.append(200, &long);
+    kmsg.append(2000, "s");
+    kmsg.append(200, &long);
+    let total = kmsg.next;
+    let state = tmp.path().join("state");
+    let agent = Agent::start(
+        &server.url(),
+        &state,
+        &kmsg.path,
+        "dev-r",
+        &["--interval", "1", "--block-size", "8192"],
+    );
+    let rejected_seqs = || -> Vec<u64> {
+        let Ok(dir) = std::fs::read_dir(state.join("rejected")) else {
+            return Vec::new();
+        };
+        let big = blackbox_protocol::Limits {
+            max_decompressed: 64 << 20,
+            ..blackbox_protocol::Limits::DEFAULT
+        };
+        let mut seqs = Vec::new();
+        for e in dir {
+            let p = e.unwrap().path();
+            if p.extension().is_some_and(|x| x == "gz") {
+                let c =
+                    blackbox_protocol::Chunk::decode(&std::fs::read(&p).unwrap(), &big).unwrap();
+                seqs.extend(c.records.iter().map(|r| r.seq));
+                let why = std::fs::read_to_string(p.with_extension("why")).unwrap();
+                assert!(why.contains("exceeds limit"), "{why}");
+            }
+        }
+        seqs
+    };
+    let stored = || {
+        seqs_by_device(&read_store(&store, &[]))
+            .remove("dev-r")
+            .unwrap_or_default()
+    };
+    let done = wait_until(Duration::from_secs(60), || {
+        (stored().len() + rejected_seqs().len()) as u64 >= total
+    });
+    let (ok, bad) = (stored(), rejected_seqs());
+    assert!(
+        done,
+        "{} stored + {} rejected of {total}; agent log:\n{}",
+        ok.len(),
+        bad.len(),
+        agent.log_text()
+    );
+    let mut all: Vec<u64> = ok.iter().chain(&bad).copied().collect();
+    all.sort_unstable();
+    assert_eq!(
+        all,
+        (0..total).collect::<Vec<u64>>(),
+        "each line stored or set aside, once"
+    );
+    assert!(!bad.is_empty(), "no chunk was over the limit");
+    // A block holds about eight long lines; the two that also hold short lines may be big.
+    assert!(
+        (0..190).chain(2210..2400).all(|s| ok.contains(&s)),
+        "a small chunk was set aside: stored {ok:?}"
+    );
+    assert!(
+        agent.log_text().contains("one at a time"),
+        "{}",
+        agent.log_text()
+    );
+}

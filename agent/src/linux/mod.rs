@@ -358,6 +358,8 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
     let mut pstore: Option<PstorePending> = None;
     let mut dropped_reported = 0u64;
     let mut sender = Sender::spawn(uploader)?;
+    // After a refused batch: uploads left to send one chunk at a time.
+    let mut singles = 0usize;
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(sig, Arc::clone(&stop))
@@ -401,18 +403,21 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => anyhow::bail!("log reader stopped"),
         }
-        if let Some((id, answer)) = sender.answer() {
+        if let Some((ids, answer)) = sender.answer() {
+            let what = Batch(&ids);
             match answer {
                 Answer::Acked { duplicate } => {
-                    buf.ack(&id)?;
-                    if duplicate {
-                        eprintln!("blackbox-agent: chunk {id} was already stored");
+                    for id in &ids {
+                        buf.ack(id)?;
                     }
-                    // The next chunk goes at once.
+                    if duplicate {
+                        eprintln!("blackbox-agent: {what} already stored");
+                    }
+                    // The next chunks go at once.
                     next_upload = Instant::now();
                 }
                 Answer::Retry { after, why } => {
-                    eprintln!("blackbox-agent: upload of {id} failed: {why}");
+                    eprintln!("blackbox-agent: upload of {what} failed: {why}");
                     let d = sched.after_failure(after.map(|a| a.as_millis() as u64), random_u32());
                     eprintln!(
                         "blackbox-agent: retrying in {d} ms ({} chunk(s) waiting)",
@@ -420,10 +425,21 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
                     );
                     next_upload = Instant::now() + Duration::from_millis(d);
                 }
-                Answer::Rejected { why } => {
-                    buf.reject(&id, &why)?;
-                    next_upload = Instant::now();
-                }
+                Answer::Rejected { why } => match ids.as_slice() {
+                    [id] => {
+                        buf.reject(id, &why)?;
+                        next_upload = Instant::now();
+                    }
+                    _ => {
+                        // Which chunk? Send them one by one: only the bad one is set aside.
+                        eprintln!(
+                            "blackbox-agent: server refused {what} ({why}); sending them one \
+                             at a time"
+                        );
+                        singles = ids.len();
+                        next_upload = Instant::now();
+                    }
+                },
             }
             if let Err(e) = buf.ring_mut().backing_mut().flush() {
                 eprintln!("blackbox-agent: ring flush: {e}");
@@ -443,12 +459,13 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
         }
         if sender.in_flight.is_none() && Instant::now() >= next_upload {
             buf.seal_if_idle(sync_point(&cfg.synced_flag));
-            match buf.next_unacked()? {
-                Some(chunk) => sender.send(chunk)?,
-                None => {
-                    next_upload =
-                        Instant::now() + Duration::from_millis(sched.after_success(random_u32()));
-                }
+            let max = if singles > 0 { 1 } else { BATCH_CHUNKS };
+            let batch = buf.next_batch(max, BATCH_BYTES)?;
+            singles = singles.saturating_sub(1);
+            if !sender.send(batch)? {
+                // All delivered: the normal interval.
+                next_upload =
+                    Instant::now() + Duration::from_millis(sched.after_success(random_u32()));
             }
         }
     }
@@ -460,26 +477,53 @@ const ANSWER_POLL: Duration = Duration::from_millis(50);
 /// How often the main loop looks for a stop request (SIGTERM) at the least.
 const STOP_POLL: Duration = Duration::from_millis(250);
 
-/// Sends chunks on a thread of its own, one at a time. A request can hang for the whole
-/// `--timeout` (a network that went away answers nothing); meanwhile the main loop goes on
-/// reading the log into the ring, so a panic during the outage still finds every record there.
+/// Most chunks sent in one request. A chunk is one ring block (a 256th of the ring); the
+/// server acknowledges a request when its segment is written (up to a second), so one chunk
+/// per request would cap the agent at a block a second: far below a busy device's log rate.
+const BATCH_CHUNKS: usize = 64;
+
+/// Most bytes of chunks sent in one request (the server takes bodies up to 2 MiB).
+const BATCH_BYTES: usize = 256 << 10;
+
+/// The chunks of one request, for messages: `chunk ID`, or `N chunks FIRST .. LAST`.
+struct Batch<'a>(&'a [ChunkId]);
+
+impl std::fmt::Display for Batch<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            [] => f.write_str("no chunk"),
+            [one] => write!(f, "chunk {one}"),
+            [first, .., last] => write!(f, "{} chunks {first} .. {last}", self.0.len()),
+        }
+    }
+}
+
+/// Sends batches of chunks on a thread of its own, one request at a time (the chunks back to
+/// back in one body, as they lie in a segment; the server stores each and answers for all). A
+/// request can hang for the whole `--timeout` (a network that went away answers nothing);
+/// meanwhile the main loop goes on reading the log into the ring, so a panic during the outage
+/// still finds every record there.
 struct Sender {
-    jobs: mpsc::Sender<Sealed>,
-    answers: mpsc::Receiver<(ChunkId, Answer)>,
-    /// The chunk on its way, if any.
-    in_flight: Option<ChunkId>,
+    jobs: mpsc::Sender<Vec<Sealed>>,
+    answers: mpsc::Receiver<(Vec<ChunkId>, Answer)>,
+    /// The chunks on their way, if any.
+    in_flight: Option<Vec<ChunkId>>,
 }
 
 impl Sender {
     fn spawn(uploader: Uploader) -> anyhow::Result<Self> {
-        let (jobs, job_rx) = mpsc::channel::<Sealed>();
+        let (jobs, job_rx) = mpsc::channel::<Vec<Sealed>>();
         let (answer_tx, answers) = mpsc::channel();
         std::thread::Builder::new()
             .name("upload".into())
             .spawn(move || {
-                for chunk in job_rx {
-                    let answer = uploader.send(&chunk.bytes);
-                    if answer_tx.send((chunk.id, answer)).is_err() {
+                for batch in job_rx {
+                    let answer = match batch.as_slice() {
+                        [one] => uploader.send(&one.bytes),
+                        _ => uploader.send(&batch.concat_bytes()),
+                    };
+                    let ids = batch.into_iter().map(|c| c.id).collect();
+                    if answer_tx.send((ids, answer)).is_err() {
                         break;
                     }
                 }
@@ -492,28 +536,48 @@ impl Sender {
         })
     }
 
-    fn send(&mut self, chunk: Sealed) -> anyhow::Result<()> {
-        self.in_flight = Some(chunk.id.clone());
+    /// Sends `batch`; false if it is empty (nothing was waiting).
+    fn send(&mut self, batch: Vec<Sealed>) -> anyhow::Result<bool> {
+        if batch.is_empty() {
+            return Ok(false);
+        }
+        self.in_flight = Some(batch.iter().map(|c| c.id.clone()).collect());
         self.jobs
-            .send(chunk)
-            .map_err(|_| anyhow::anyhow!("the upload thread stopped"))
+            .send(batch)
+            .map_err(|_| anyhow::anyhow!("the upload thread stopped"))?;
+        Ok(true)
     }
 
-    /// The answer for the chunk in flight, once it is there.
-    fn answer(&mut self) -> Option<(ChunkId, Answer)> {
+    /// The answer for the chunks in flight, once it is there.
+    fn answer(&mut self) -> Option<(Vec<ChunkId>, Answer)> {
         self.in_flight.as_ref()?;
         let a = self.answers.try_recv().ok()?;
         self.in_flight = None;
         Some(a)
     }
 
-    /// The answer for the chunk in flight, waiting for it until `deadline`.
-    fn answer_by(&mut self, deadline: Instant) -> Option<(ChunkId, Answer)> {
+    /// The answer for the chunks in flight, waiting for it until `deadline`.
+    fn answer_by(&mut self, deadline: Instant) -> Option<(Vec<ChunkId>, Answer)> {
         self.in_flight.as_ref()?;
         let wait = deadline.saturating_duration_since(Instant::now());
         let a = self.answers.recv_timeout(wait).ok()?;
         self.in_flight = None;
         Some(a)
+    }
+}
+
+/// The bytes of a batch: its chunks back to back.
+trait ConcatBytes {
+    fn concat_bytes(&self) -> Vec<u8>;
+}
+
+impl ConcatBytes for [Sealed] {
+    fn concat_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.iter().map(|c| c.bytes.len()).sum());
+        for c in self {
+            out.extend_from_slice(&c.bytes);
+        }
+        out
     }
 }
 
@@ -533,13 +597,21 @@ fn stop_gracefully(
             "blackbox-agent: stopping: uploading the {} chunk(s) waiting",
             buf.unacked_chunks()
         );
+        let mut singles = false;
         loop {
             if sender.in_flight.is_some() {
                 match sender.answer_by(deadline) {
-                    Some((id, Answer::Acked { .. })) => buf.ack(&id)?,
-                    Some((id, Answer::Rejected { why })) => buf.reject(&id, &why)?,
-                    Some((id, Answer::Retry { why, .. })) => {
-                        eprintln!("blackbox-agent: upload of {id} failed: {why}");
+                    Some((ids, Answer::Acked { .. })) => {
+                        for id in &ids {
+                            buf.ack(id)?;
+                        }
+                    }
+                    Some((ids, Answer::Rejected { why })) => match ids.as_slice() {
+                        [id] => buf.reject(id, &why)?,
+                        _ => singles = true,
+                    },
+                    Some((ids, Answer::Retry { why, .. })) => {
+                        eprintln!("blackbox-agent: upload of {} failed: {why}", Batch(&ids));
                         break;
                     }
                     None => break, // out of time
@@ -549,9 +621,9 @@ fn stop_gracefully(
                 break;
             }
             buf.seal_if_idle(sync_point(&cfg.synced_flag));
-            match buf.next_unacked()? {
-                Some(chunk) => sender.send(chunk)?,
-                None => break,
+            let max = if singles { 1 } else { BATCH_CHUNKS };
+            if !sender.send(buf.next_batch(max, BATCH_BYTES)?)? {
+                break;
             }
         }
     }

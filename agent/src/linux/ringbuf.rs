@@ -47,8 +47,9 @@ pub struct RingBuffer<M> {
     level: u8,
     limits: Limits,
     rejected_dir: PathBuf,
-    /// The item handed out by `next_unacked` and its encoding (retries send the same bytes).
-    current: Option<(Item, Sealed)>,
+    /// The items handed out by the last `next_batch`, in order, with their encodings (retries
+    /// send the same bytes).
+    current: Vec<(Item, Sealed)>,
     last_note: AppendNote,
 }
 
@@ -106,7 +107,7 @@ impl<M: Region> RingBuffer<M> {
             level: 6,
             limits: Limits::DEFAULT,
             rejected_dir: state_dir.join("rejected"),
-            current: None,
+            current: Vec::new(),
             last_note: AppendNote::default(),
         }
     }
@@ -168,10 +169,6 @@ impl<M: Region> RingBuffer<M> {
             .ring
             .append(boot, e, sync)
             .map_err(RingBufError::Append)?;
-        if a.dropped.is_some() {
-            // The chunk handed out may be the one dropped: build the next one afresh.
-            self.current = None;
-        }
         let note = AppendNote {
             dropped: a.dropped,
             truncated: cut + a.truncated,
@@ -230,7 +227,7 @@ impl<M: Region> RingBuffer<M> {
 
     /// Seals the open block if it holds records and nothing sealed is waiting.
     pub fn seal_if_idle(&mut self, sync: SyncPoint) -> bool {
-        if self.current.is_some() || self.ring.next_unacked().is_some() {
+        if !self.current.is_empty() || self.ring.next_unacked().is_some() {
             return false;
         }
         self.ring.seal(&sync)
@@ -317,34 +314,53 @@ impl<M: Region> LogBuffer for RingBuffer<M> {
     }
 
     fn next_unacked(&mut self) -> Result<Option<Sealed>, RingBufError> {
-        let Some(item) = self.ring.next_unacked() else {
-            self.current = None;
-            return Ok(None);
-        };
-        if let Some((it, s)) = &self.current
-            && *it == item
+        Ok(self.next_batch(1, usize::MAX)?.into_iter().next())
+    }
+
+    fn next_batch(
+        &mut self,
+        max_chunks: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<Sealed>, RingBufError> {
+        let mut items = Vec::new();
+        let mut next = self.ring.next_unacked();
+        while let Some(item) = next
+            && items.len() < max_chunks.max(1)
         {
-            return Ok(Some(s.clone()));
+            items.push(item);
+            next = self.ring.unacked_after(&item);
         }
-        let sealed = self.build(&item)?;
-        self.current = Some((item, sealed.clone()));
-        Ok(Some(sealed))
+        // A dropped block's index may hold a newer block now: the cache is keyed by item
+        // (index and generation), so it is rebuilt then.
+        let mut cached = std::mem::take(&mut self.current);
+        let mut bytes = 0usize;
+        for item in items {
+            let sealed = match cached.iter().position(|(it, _)| *it == item) {
+                Some(k) => cached.swap_remove(k).1,
+                None => self.build(&item)?,
+            };
+            if !self.current.is_empty() && bytes.saturating_add(sealed.bytes.len()) > max_bytes {
+                break;
+            }
+            bytes += sealed.bytes.len();
+            self.current.push((item, sealed));
+        }
+        Ok(self.current.iter().map(|(_, s)| s.clone()).collect())
     }
 
     fn ack(&mut self, id: &ChunkId) -> Result<(), RingBufError> {
-        if let Some((item, s)) = self.current.take()
-            && s.id == *id
-            && !self.ring.ack(&item)
-        {
+        let Some(k) = self.current.iter().position(|(_, s)| s.id == *id) else {
+            return Ok(());
+        };
+        let (item, _) = self.current.remove(k);
+        if !self.ring.ack(&item) {
             eprintln!("blackbox-agent: chunk {id} was acknowledged after the ring dropped it");
         }
         Ok(())
     }
 
     fn reject(&mut self, id: &ChunkId, reason: &str) -> Result<(), RingBufError> {
-        if let Some((_, s)) = &self.current
-            && s.id == *id
-        {
+        if let Some((_, s)) = self.current.iter().find(|(_, s)| s.id == *id) {
             let dir = &self.rejected_dir;
             let io = |source| RingBufError::Io {
                 path: dir.clone(),
