@@ -1,6 +1,8 @@
 //! `cargo xtask test`: everything CI checks, in order, stopping at the first failure.
 
 use std::process::Command;
+use std::sync::OnceLock;
+use std::time::Instant;
 
 use anyhow::{Context, Result};
 
@@ -96,13 +98,24 @@ pub(crate) fn run() -> Result<()> {
         "see the FAIL lines above",
     )?;
 
-    println!("==> all {STEPS} steps passed");
+    let t = START.get_or_init(Instant::now).elapsed().as_secs();
+    println!("==> all {STEPS} steps passed in {}:{:02}", t / 60, t % 60);
     Ok(())
 }
 
+/// Prints the step's header, and how long the whole run has taken so far (CI has a budget of
+/// 30 minutes on two cores: this shows where it goes).
 fn announce(n: usize, name: &str, what: &str) {
-    println!("==> [{n}/{STEPS}] {name}: {what}");
+    let t = START.get_or_init(Instant::now).elapsed().as_secs();
+    println!(
+        "==> [{n}/{STEPS}] {name} (at {}:{:02}): {what}",
+        t / 60,
+        t % 60
+    );
 }
+
+/// When `cargo xtask test` started (its first step).
+static START: OnceLock<Instant> = OnceLock::new();
 
 fn step(n: usize, name: &str, cmd: &mut Command, hint: &str) -> Result<()> {
     announce(n, name, &show(cmd));
