@@ -169,7 +169,7 @@ pub async fn compact_hour(
     if let Some(m) = &prev {
         cleanup(store, hour, m, cfg).await?;
     }
-    let (sources, _) = reader::hour_plan(store, hour).await?;
+    let sources = reader::hour_plan(store, hour).await?.sources;
     let new_raw = sources.iter().filter(|s| s.key.starts_with(RAW)).count();
     if new_raw == 0 {
         tracing::info!(hour = %hour_path(hour), "nothing to compact");
@@ -356,6 +356,7 @@ pub async fn compact_hour(
         generation,
         inputs: inputs.into_iter().collect(),
         outputs,
+        ..Default::default()
     };
     let mkey = format!("{prefix}{}", reader::MANIFEST);
     store
