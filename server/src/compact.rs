@@ -1,42 +1,65 @@
-//! `blackbox-server compact --hour H`: an hour's many small segments become one object per
-//! device (or per device group), deduplicated and in sequence order, each with its index.
+//! Compaction: many small objects become few large ones, switched by a manifest, so long-term
+//! storage is a few objects per device per day.
+//!
+//! - `compact --hour H` ([`compact_hour`]): an ingest hour's raw segments (and the hour's
+//!   previous generation) become one object per device (or per device group);
+//! - `compact --day D` ([`compact_day`]): a day's hourly outputs, raw segments of hours not
+//!   compacted yet and the day's previous generation become one object per device (or group)
+//!   for the day;
+//! - `compact --auto` ([`compact_auto`]): every closed hour with raw segments, then every
+//!   closed day with anything not rolled up: what cron runs.
 //!
 //! ```text
-//! compact/YYYY-MM-DD/HH/d-<device>.g<generation>.seg.gz   the device's chunks, in order
-//! compact/YYYY-MM-DD/HH/d-<device>.g<generation>.idx      its index (same format as raw .idx)
-//! compact/YYYY-MM-DD/HH/manifest.json                     generation, inputs, outputs
+//! compact/YYYY-MM-DD/HH/d-<device>.g<generation>.seg.gz    an hour of the device's chunks, in order
+//! compact/YYYY-MM-DD/HH/d-<device>.g<generation>.idx       its index (same format as raw .idx)
+//! compact/YYYY-MM-DD/HH/manifest.json                      generation, inputs, outputs
+//! compact/YYYY-MM-DD/day/d-<device>.g<generation>.seg.gz   a day of the device's chunks, in order
+//! compact/YYYY-MM-DD/day/d-<device>.g<generation>.idx
+//! compact/YYYY-MM-DD/day/manifest.json                     generation, inputs, outputs, hours taken in
 //! ```
 //! (`--groups N`: `h<NNN>.g<generation>.…` for N groups by device hash instead.)
 //!
 //! **Steps, each durable before the next** (a crash anywhere leaves a state every reader reads
-//! correctly, see [`crate::reader`]):
+//! correctly, see [`crate::reader`]), the same for an hour and a day:
 //! 1. finish a previous run's deletions (a manifest whose inputs are still there);
-//! 2. read the hour's current sources (raw segments and a previous generation's outputs), drop
-//!    duplicate records by identity, order each device's chunks by boot and sequence number;
-//! 3. write every output and its index (readers ignore them: no manifest names them yet);
+//! 2. plan the current sources (raw segments, compacted objects of earlier runs);
+//! 3. merge them into the outputs, streaming ([`merge`]): duplicates dropped by identity, each
+//!    device's chunks ordered by boot and sequence number, each output and its index written
+//!    (readers ignore them: no manifest names them yet);
 //! 4. write the manifest (readers switch: outputs instead of the inputs it names);
-//! 5. delete the inputs and a previous generation's outputs.
+//! 5. delete the inputs and older generations; for a day, also the hourly manifests it took
+//!    in (each after that hour's inputs), recording their generations in the day manifest so
+//!    an hour compacted again later never reuses a key.
 //!
 //! Chunks stay whole: an untouched chunk is copied byte for byte (its gzip member), a chunk
 //! with some records already seen is re-encoded with the rest and its own sync point, so every
 //! line reads exactly as before. A raw segment with damage is left in place and not named as
 //! an input (readers keep reading it; its intact chunks, copied too, are dropped there as
-//! duplicates by identity).
+//! duplicates by identity); the manifest lists it as `kept`, so it alone does not make the
+//! hour or day worth compacting again.
 //!
-//! One hour of one group is held in memory while it is written; the hour's chunk headers and
-//! the deduplication state for all of it.
-use std::collections::{BTreeMap, BTreeSet};
+//! Memory: the index entries of what is merged (about 150 bytes a chunk), plus, per group
+//! being written (`parallel` at a time), two runs of chunks of at most 4 MiB, one chunk
+//! inflated and three upload parts of `part_size` ([`merge`]): about 40 MiB, whatever the
+//! size of the hour or day.
+//!
+//! One compaction at a time per store (cron with `flock`): two running over the same hour or
+//! day fail with "vanished" or delete each other's outputs.
+mod merge;
+
+use std::collections::BTreeSet;
 
 use anyhow::{Context, bail};
-use blackbox_protocol::{Chunk, Limits};
 use futures::StreamExt;
+use object_store::path::Path;
 
-use crate::dedup::Seen;
-use crate::reader::{self, Decoded, Filter, Manifest, RAW, compact_prefix, idx_key};
-use crate::scan;
-use crate::segment::IndexEntry;
+use crate::reader::{
+    self, COMPACT, DAY, MANIFEST, Manifest, RAW, Source, compact_prefix, day_prefix, idx_key,
+};
 use crate::store::Store;
-use crate::timespec::{HOUR_US, hour_path, now_us};
+use crate::timespec::{
+    HOUR_US, day_hours, day_path, hour_path, now_us, parse_day_path, parse_hour_path,
+};
 
 /// Compaction settings.
 #[derive(Debug, Clone)]
@@ -49,7 +72,10 @@ pub struct CompactConfig {
     pub close_after_us: i64,
     /// Objects read at once.
     pub parallel: usize,
-    /// Test hook: abort at `after-output`, `after-manifest` or `after-delete`.
+    /// Outputs are uploaded in parts of this many bytes (one PUT when smaller).
+    pub part_size: usize,
+    /// Test hook: abort at `mid-output` (an output's upload under way), `after-output`,
+    /// `after-manifest` or `after-delete`.
     pub fault: Option<String>,
 }
 
@@ -60,6 +86,7 @@ impl Default for CompactConfig {
             allow_open: false,
             close_after_us: 300_000_000,
             parallel: 8,
+            part_size: 8 << 20,
             fault: None,
         }
     }
@@ -70,7 +97,7 @@ impl Default for CompactConfig {
 pub struct CompactReport {
     /// The generation written (0: nothing to do).
     pub generation: u64,
-    /// Raw segments replaced.
+    /// Objects replaced (raw segments; for a day also compacted objects).
     pub inputs: usize,
     /// Raw segments left in place because of damage.
     pub kept: usize,
@@ -82,7 +109,7 @@ pub struct CompactReport {
     pub chunks_out: usize,
     /// Duplicate records dropped.
     pub duplicates: u64,
-    /// Bytes read and written.
+    /// Bytes read.
     pub bytes_in: u64,
     /// Bytes written.
     pub bytes_out: u64,
@@ -96,7 +123,7 @@ fn fault(cfg: &CompactConfig, point: &str) {
 }
 
 /// FNV-1a: a stable device → group mapping (never changes across versions).
-fn group_of(device: &str, groups: u32) -> String {
+pub(crate) fn group_of(device: &str, groups: u32) -> String {
     if groups == 0 {
         return format!("d-{device}");
     }
@@ -106,48 +133,179 @@ fn group_of(device: &str, groups: u32) -> String {
     format!("h{:03}", h % u64::from(groups))
 }
 
-/// A chunk as it goes out.
-struct Out {
-    member: bytes::Bytes,
-    entry: IndexEntry,
+/// Deletes objects a listing found, aborting at `after-delete` after the first (test hook).
+struct Deleter<'a> {
+    store: &'a Store,
+    cfg: &'a CompactConfig,
+    present: BTreeSet<String>,
+    deleted: usize,
 }
 
-/// Deletes the inputs a manifest names and every compacted object of the hour it does not.
-async fn cleanup(
+impl<'a> Deleter<'a> {
+    /// Lists `prefixes` (one LIST each).
+    async fn list(
+        store: &'a Store,
+        cfg: &'a CompactConfig,
+        prefixes: &[String],
+    ) -> anyhow::Result<Self> {
+        let mut present = BTreeSet::new();
+        for p in prefixes {
+            present.extend(store.list(p).await?);
+        }
+        Ok(Self {
+            store,
+            cfg,
+            present,
+            deleted: 0,
+        })
+    }
+
+    /// Deletes `key` if the listing found it.
+    async fn delete(&mut self, key: &str) -> anyhow::Result<()> {
+        if self.present.remove(key) {
+            reader::delete(self.store, key).await?;
+            self.deleted += 1;
+            if self.deleted == 1 {
+                fault(self.cfg, "after-delete");
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes a segment and its index.
+    async fn delete_segment(&mut self, key: &str) -> anyhow::Result<()> {
+        self.delete(key).await?;
+        self.delete(&idx_key(key)).await
+    }
+
+    /// Deletes every listed key under `prefix` that its manifest `m` does not name (its
+    /// outputs, their indexes and itself): older generations, unfinished outputs.
+    async fn sweep_unnamed(&mut self, prefix: &str, m: &Manifest) -> anyhow::Result<()> {
+        let keep: BTreeSet<String> = m
+            .outputs
+            .iter()
+            .flat_map(|o| [o.clone(), idx_key(o)])
+            .chain([format!("{prefix}{MANIFEST}")])
+            .collect();
+        self.sweep(prefix, |k| keep.contains(k)).await
+    }
+
+    /// Deletes every listed key under `prefix` that `keep` says no to.
+    async fn sweep(&mut self, prefix: &str, keep: impl Fn(&str) -> bool) -> anyhow::Result<()> {
+        let doomed: Vec<String> = self
+            .present
+            .iter()
+            .filter(|k| k.starts_with(prefix) && !keep(k))
+            .cloned()
+            .collect();
+        for k in doomed {
+            self.delete(&k).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Deletes the inputs an hour's manifest names and every compacted object of the hour it does
+/// not.
+async fn cleanup_hour(
     store: &Store,
     hour: i64,
     m: &Manifest,
     cfg: &CompactConfig,
 ) -> anyhow::Result<()> {
-    let raw_now: BTreeSet<String> = store
-        .list(&reader::raw_prefix(hour))
-        .await?
-        .into_iter()
-        .collect();
-    let mut first = true;
+    let prefix = compact_prefix(hour);
+    let mut d = Deleter::list(store, cfg, &[reader::raw_prefix(hour), prefix.clone()]).await?;
     for k in &m.inputs {
-        if raw_now.contains(k) {
-            reader::delete(store, k).await?;
-            if first {
-                fault(cfg, "after-delete");
-                first = false;
-            }
-        }
-        let idx = idx_key(k);
-        if raw_now.contains(&idx) {
-            reader::delete(store, &idx).await?;
+        d.delete_segment(k).await?;
+    }
+    d.sweep_unnamed(&prefix, m).await
+}
+
+/// What a compaction covers.
+#[derive(Debug, Clone, Copy)]
+enum Scope {
+    /// An ingest hour.
+    Hour(i64),
+    /// A day.
+    Day(i64),
+}
+
+impl std::fmt::Display for Scope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Hour(h) => write!(f, "hour {}", hour_path(*h)),
+            Self::Day(d) => write!(f, "day {}", day_path(*d)),
         }
     }
-    let keep: BTreeSet<String> = m
-        .outputs
-        .iter()
-        .flat_map(|o| [o.clone(), idx_key(o)])
-        .chain([format!("{}{}", compact_prefix(hour), reader::MANIFEST)])
-        .collect();
-    for k in store.list(&compact_prefix(hour)).await? {
-        if !keep.contains(&k) {
-            reader::delete(store, &k).await?;
+}
+
+impl Scope {
+    fn prefix(self) -> String {
+        match self {
+            Self::Hour(h) => compact_prefix(h),
+            Self::Day(d) => day_prefix(d),
         }
+    }
+
+    /// Does the manifest name `s` as an input once it is merged? An hour's earlier outputs are
+    /// not named (its cleanup sweeps the hour's unnamed objects); a day names everything.
+    fn replaces(self, s: &Source) -> bool {
+        match self {
+            Self::Hour(_) => s.key.starts_with(RAW),
+            Self::Day(_) => true,
+        }
+    }
+
+    async fn cleanup(self, store: &Store, m: &Manifest, cfg: &CompactConfig) -> anyhow::Result<()> {
+        match self {
+            Self::Hour(h) => cleanup_hour(store, h, m, cfg).await,
+            Self::Day(d) => cleanup_day(store, d, m, cfg).await,
+        }
+    }
+}
+
+/// Steps 3 to 5: merges `sources` into the outputs of `draft.generation` (durable first),
+/// writes the manifest that switches readers to them (`draft.inputs` plus the merged sources
+/// the scope replaces, except raw ones with damage, which are kept), then deletes.
+async fn finish(
+    store: &Store,
+    scope: Scope,
+    sources: &[Source],
+    mut draft: Manifest,
+    cfg: &CompactConfig,
+    report: &mut CompactReport,
+) -> anyhow::Result<()> {
+    let prefix = scope.prefix();
+    let merged = merge::merge(store, sources, &prefix, draft.generation, cfg, report).await?;
+    let mut inputs: BTreeSet<String> = std::mem::take(&mut draft.inputs).into_iter().collect();
+    for s in sources.iter().filter(|s| scope.replaces(s)) {
+        if merged.damaged.contains(&s.key) {
+            draft.kept.push(s.key.clone());
+            report.kept += 1;
+        } else if inputs.insert(s.key.clone()) {
+            report.inputs += 1;
+        }
+    }
+    draft.inputs = inputs.into_iter().collect();
+    draft.outputs = merged.outputs;
+    let key = format!("{prefix}{MANIFEST}");
+    store
+        .put(&key, serde_json::to_vec_pretty(&draft)?)
+        .await
+        .with_context(|| format!("writing {key}"))?;
+    fault(cfg, "after-manifest");
+    scope.cleanup(store, &draft, cfg).await?;
+    report.generation = draft.generation;
+    tracing::info!(%scope, ?report, "compacted");
+    Ok(())
+}
+
+fn not_closed(what: &str, end_us: i64, cfg: &CompactConfig) -> anyhow::Result<()> {
+    if !cfg.allow_open && now_us() < end_us + cfg.close_after_us {
+        bail!(
+            "{what} is not closed yet (receivers may still write to it until {} min after its end); wait, or pass --allow-open",
+            cfg.close_after_us / 60_000_000
+        );
     }
     Ok(())
 }
@@ -158,213 +316,245 @@ pub async fn compact_hour(
     hour: i64,
     cfg: &CompactConfig,
 ) -> anyhow::Result<CompactReport> {
-    if !cfg.allow_open && now_us() < (hour + 1) * HOUR_US + cfg.close_after_us {
-        bail!(
-            "hour {} is not closed yet (receivers may still write to it); wait, or pass --allow-open",
-            hour_path(hour)
-        );
-    }
+    not_closed(
+        &format!("hour {}", hour_path(hour)),
+        (hour + 1) * HOUR_US,
+        cfg,
+    )?;
     let mut report = CompactReport::default();
-    let prev = reader::read_manifest(store, hour).await?;
-    if let Some(m) = &prev {
-        cleanup(store, hour, m, cfg).await?;
+    if let Some(m) = reader::read_manifest(store, hour).await? {
+        cleanup_hour(store, hour, &m, cfg).await?;
     }
-    let (sources, _) = reader::hour_plan(store, hour).await?;
-    let new_raw = sources.iter().filter(|s| s.key.starts_with(RAW)).count();
-    if new_raw == 0 {
+    let plan = reader::hour_plan(store, hour).await?;
+    // An hourly manifest its day roll-up took in is replaced by it: start afresh after it.
+    let taken = plan.day.as_ref().map_or(0, |d| d.hour_generation(hour));
+    let generation = plan
+        .manifest
+        .as_ref()
+        .map_or(0, |m| m.generation)
+        .max(taken)
+        + 1;
+    let prev = plan.manifest.filter(|m| m.generation > taken);
+    let sources: Vec<Source> = plan
+        .sources
+        .into_iter()
+        .filter(|s| !reader::is_day_key(&s.key))
+        .collect();
+    let known: BTreeSet<&str> = prev
+        .iter()
+        .flat_map(|m| m.kept.iter().map(String::as_str))
+        .collect();
+    if !sources
+        .iter()
+        .any(|s| s.key.starts_with(RAW) && !known.contains(s.key.as_str()))
+    {
         tracing::info!(hour = %hour_path(hour), "nothing to compact");
         return Ok(report);
     }
-    let generation = prev.as_ref().map_or(1, |m| m.generation + 1);
-    let mut inputs: BTreeSet<String> = prev
-        .map(|m| m.inputs.into_iter().collect())
-        .unwrap_or_default();
-
-    // Read everything; a damaged raw segment stays where it is.
-    let filter = Filter::all();
-    let reads: Vec<_> = futures::stream::iter(
-        sources
-            .iter()
-            .map(|s| reader::read_source(store, s, &filter, &Limits::DEFAULT)),
-    )
-    .buffered(cfg.parallel.max(1))
-    .collect()
-    .await;
-    let mut chunks: Vec<Decoded> = Vec::new();
-    for r in reads {
-        let r = r?;
-        report.bytes_in += r.fetched;
-        if r.vanished {
-            bail!(
-                "{} vanished while being compacted: is another compaction of this hour running?",
-                r.source.key
-            );
-        }
-        let raw = r.source.key.starts_with(RAW);
-        if !r.problems.is_empty() {
-            for p in &r.problems {
-                tracing::error!("{p}");
-            }
-            if !raw {
-                bail!(
-                    "compacted object {} is damaged; not compacting over it",
-                    r.source.key
-                );
-            }
-            report.kept += 1;
-        } else if raw {
-            inputs.insert(r.source.key.clone());
-            report.inputs += 1;
-        }
-        chunks.extend(r.chunks);
-    }
-    report.chunks_in = chunks.len();
-
-    // Per chunk: its sequence numbers and wall range; boots ordered by their first wall time.
-    let mut info = Vec::with_capacity(chunks.len());
-    for c in &chunks {
-        let mut seqs = Vec::with_capacity(c.header.record_count as usize);
-        let (mut lo, mut hi) = (i64::MAX, i64::MIN);
-        for l in c.lines() {
-            let Some(f) = scan::scan(l) else {
-                bail!("{} at byte {}: a line does not parse", c.key, c.offset);
-            };
-            seqs.push(f.seq);
-            let w = c.header.sync.wall_of(f.mono_us);
-            lo = lo.min(w);
-            hi = hi.max(w);
-        }
-        info.push((seqs, lo, hi));
-    }
-    let mut boot_start: BTreeMap<(String, String), i64> = BTreeMap::new();
-    for (c, (_, lo, _)) in chunks.iter().zip(&info) {
-        let e = boot_start
-            .entry((c.header.id.device.to_string(), c.boot.clone()))
-            .or_insert(*lo);
-        *e = (*e).min(*lo);
-    }
-    let mut order: Vec<usize> = (0..chunks.len()).collect();
-    order.sort_by_key(|&i| {
-        let c = &chunks[i];
-        let dev = c.header.id.device.to_string();
-        let start = boot_start.get(&(dev.clone(), c.boot.clone())).copied();
-        (
-            dev,
-            start,
-            c.boot.clone(),
-            c.header.id.first_seq,
-            std::cmp::Reverse(c.header.id.last_seq),
-        )
-    });
-
-    // Deduplicate in that order; group.
-    let mut seen = Seen::default();
-    let mut groups: BTreeMap<String, Vec<Out>> = BTreeMap::new();
-    for i in order {
-        let c = &chunks[i];
-        let (seqs, lo, hi) = &info[i];
-        let runs = seen.runs(c.header.id.device.as_str(), &c.boot);
-        let new: Vec<bool> = seqs.iter().map(|&s| runs.insert(s)).collect();
-        let kept = new.iter().filter(|n| **n).count();
-        report.duplicates += (seqs.len() - kept) as u64;
-        if kept == 0 {
-            continue;
-        }
-        let device = c.header.id.device.to_string();
-        let out = if kept == seqs.len() {
-            Out {
-                member: c.member.clone(),
-                entry: IndexEntry {
-                    device: device.clone(),
-                    boot: c.boot.clone(),
-                    first_seq: c.header.id.first_seq,
-                    last_seq: c.header.id.last_seq,
-                    records: c.header.record_count,
-                    wall_min_us: *lo,
-                    wall_max_us: *hi,
-                    byte_offset: 0,
-                    byte_len: c.member.len() as u64,
-                },
-            }
-        } else {
-            let full = Chunk::decode(&c.member, &Limits::DEFAULT).with_context(|| {
-                format!("{} at byte {}: chunk does not decode", c.key, c.offset)
-            })?;
-            let records: Vec<_> = full
-                .records
-                .into_iter()
-                .zip(&new)
-                .filter_map(|(r, n)| n.then_some(r))
-                .collect();
-            let part = Chunk::new(full.id.device, full.id.boot, full.sync, records)
-                .map_err(|e| anyhow::anyhow!("{} at byte {}: {e}", c.key, c.offset))?;
-            let bytes = part
-                .encode(6, &Limits::DEFAULT)
-                .map_err(|e| anyhow::anyhow!("{} at byte {}: re-encoding: {e}", c.key, c.offset))?;
-            let (wlo, whi) = part.wall_range();
-            Out {
-                entry: IndexEntry {
-                    device: device.clone(),
-                    boot: c.boot.clone(),
-                    first_seq: part.id.first_seq,
-                    last_seq: part.id.last_seq,
-                    records: part.records.len() as u32,
-                    wall_min_us: wlo,
-                    wall_max_us: whi,
-                    byte_offset: 0,
-                    byte_len: bytes.len() as u64,
-                },
-                member: bytes::Bytes::from(bytes),
-            }
-        };
-        groups
-            .entry(group_of(&device, cfg.groups))
-            .or_default()
-            .push(out);
-    }
-    drop(chunks);
-
-    // Outputs, then the manifest, then the deletions.
-    let prefix = compact_prefix(hour);
-    let mut outputs = Vec::new();
-    for (group, outs) in groups {
-        let key = format!("{prefix}{group}.g{generation}.seg.gz");
-        let mut body = Vec::with_capacity(outs.iter().map(|o| o.member.len()).sum());
-        let mut idx = Vec::new();
-        for mut o in outs {
-            o.entry.byte_offset = body.len() as u64;
-            body.extend_from_slice(&o.member);
-            serde_json::to_writer(&mut idx, &o.entry)?;
-            idx.push(b'\n');
-            report.chunks_out += 1;
-        }
-        report.bytes_out += body.len() as u64;
-        store
-            .put(&key, body)
-            .await
-            .with_context(|| format!("writing {key}"))?;
-        store
-            .put(&idx_key(&key), idx)
-            .await
-            .with_context(|| format!("writing {}", idx_key(&key)))?;
-        fault(cfg, "after-output");
-        outputs.push(key);
-    }
-    report.outputs = outputs.len();
-    let manifest = Manifest {
+    // An hour's manifest names the raw segments of all its generations; its earlier outputs
+    // are swept as unnamed objects of the hour.
+    let draft = Manifest {
         version: 1,
         generation,
-        inputs: inputs.into_iter().collect(),
-        outputs,
+        inputs: prev.map(|m| m.inputs).unwrap_or_default(),
+        ..Default::default()
     };
-    let mkey = format!("{prefix}{}", reader::MANIFEST);
-    store
-        .put(&mkey, serde_json::to_vec_pretty(&manifest)?)
-        .await
-        .with_context(|| format!("writing {mkey}"))?;
-    fault(cfg, "after-manifest");
-    cleanup(store, hour, &manifest, cfg).await?;
-    report.generation = generation;
-    tracing::info!(hour = %hour_path(hour), ?report, "hour compacted");
+    finish(store, Scope::Hour(hour), &sources, draft, cfg, &mut report).await?;
+    Ok(report)
+}
+
+/// Deletes what a day manifest replaced: its inputs; each hourly manifest it took in, after
+/// that hour's own inputs and objects; older day generations and unfinished outputs. Objects
+/// of an hour without a manifest are unfinished outputs too (nothing reads them).
+async fn cleanup_day(
+    store: &Store,
+    day: i64,
+    m: &Manifest,
+    cfg: &CompactConfig,
+) -> anyhow::Result<()> {
+    let date = day_path(day);
+    let mut d = Deleter::list(
+        store,
+        cfg,
+        &[format!("{RAW}{date}/"), format!("{COMPACT}{date}/")],
+    )
+    .await?;
+    for k in &m.inputs {
+        d.delete_segment(k).await?;
+    }
+    for hour in day_hours(day) {
+        let prefix = compact_prefix(hour);
+        let mkey = format!("{prefix}{MANIFEST}");
+        if d.present.contains(&mkey) {
+            let Some(hm) = reader::read_manifest(store, hour).await? else {
+                continue;
+            };
+            if hm.generation > m.hour_generation(hour) {
+                continue; // compacted again since the roll-up: the hour's own
+            }
+            for k in &hm.inputs {
+                d.delete_segment(k).await?;
+            }
+        }
+        d.sweep(&prefix, |k| k == mkey).await?;
+        d.delete(&mkey).await?;
+    }
+    let prefix = day_prefix(day);
+    d.sweep_unnamed(&prefix, m).await
+}
+
+/// Rolls a day up (see the module doc): its hours' sources and its previous generation become
+/// one object per device (or group) for the day.
+pub async fn compact_day(
+    store: &Store,
+    day: i64,
+    cfg: &CompactConfig,
+) -> anyhow::Result<CompactReport> {
+    not_closed(
+        &format!("day {} (its last hour)", day_path(day)),
+        day_hours(day).end * HOUR_US,
+        cfg,
+    )?;
+    let mut report = CompactReport::default();
+    if let Some(m) = reader::read_day_manifest(store, day).await? {
+        cleanup_day(store, day, &m, cfg).await?;
+    }
+    let listed: Vec<reader::Listed> =
+        futures::stream::iter(day_hours(day).map(|h| reader::list_hour(store, h)))
+            .buffered(cfg.parallel.max(1))
+            .collect::<Vec<_>>()
+            .await
+            .into_iter()
+            .collect::<Result<_, _>>()?;
+    // Read after the listings (see the reader's module doc).
+    let prev = reader::read_day_manifest(store, day).await?;
+    let mut sources = prev
+        .as_ref()
+        .map(|m| reader::day_sources(day, m))
+        .unwrap_or_default();
+    for l in &listed {
+        sources.extend(l.sources(prev.as_ref()));
+    }
+    let known: BTreeSet<&str> = prev
+        .iter()
+        .chain(listed.iter().filter_map(|l| l.manifest.as_ref()))
+        .flat_map(|m| m.kept.iter().map(String::as_str))
+        .collect();
+    if !sources
+        .iter()
+        .any(|s| !reader::is_day_key(&s.key) && !known.contains(s.key.as_str()))
+    {
+        tracing::info!(day = %day_path(day), "nothing to roll up");
+        return Ok(report);
+    }
+    let generation = prev.as_ref().map_or(0, |m| m.generation) + 1;
+    let mut hours = prev.map(|m| m.hours).unwrap_or_default();
+    for l in &listed {
+        if let Some(m) = &l.manifest {
+            let hh = format!("{:02}", l.hour - day_hours(day).start);
+            let g = hours.entry(hh).or_default();
+            *g = (*g).max(m.generation);
+        }
+    }
+    let draft = Manifest {
+        version: 1,
+        generation,
+        hours,
+        ..Default::default()
+    };
+    finish(store, Scope::Day(day), &sources, draft, cfg, &mut report).await?;
+    Ok(report)
+}
+
+/// What [`compact_auto`] did.
+#[derive(Debug, Clone, Default)]
+pub struct AutoReport {
+    /// Hours compacted (nothing to do: generation 0).
+    pub hours: Vec<(i64, CompactReport)>,
+    /// Days rolled up.
+    pub days: Vec<(i64, CompactReport)>,
+    /// Hours and days that failed (logged; the rest went on).
+    pub failed: Vec<String>,
+}
+
+/// The names one level under `prefix` (delimiter listing): date or hour "directories".
+async fn dirs(store: &Store, prefix: &str) -> anyhow::Result<Vec<String>> {
+    let l = store
+        .object_store()
+        .list_with_delimiter(Some(&Path::from(prefix)))
+        .await?;
+    Ok(l.common_prefixes
+        .iter()
+        .filter_map(|p| p.filename().map(str::to_owned))
+        .collect())
+}
+
+/// Does a day hold anything a roll-up has not taken in? (Cheap: delimiter listings. Any
+/// hour "directory" counts; the roll-up itself finds out whether it is only damage it kept.)
+async fn day_pending(store: &Store, day: i64) -> anyhow::Result<bool> {
+    let date = day_path(day);
+    for top in [RAW, COMPACT] {
+        if dirs(store, &format!("{top}{date}/"))
+            .await?
+            .iter()
+            .any(|d| d != DAY)
+        {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// Compacts every closed hour that has raw segments, then rolls up every closed day that has
+/// anything not rolled up yet: `compact --auto`, for cron. A failing hour or day is logged and
+/// the others go on.
+pub async fn compact_auto(store: &Store, cfg: &CompactConfig) -> anyhow::Result<AutoReport> {
+    let cfg = CompactConfig {
+        allow_open: false,
+        ..cfg.clone()
+    };
+    let now = now_us();
+    let mut report = AutoReport::default();
+    let mut days = BTreeSet::new();
+    for date in dirs(store, RAW).await? {
+        let Some(day) = parse_day_path(&date) else {
+            continue;
+        };
+        days.insert(day);
+        for hh in dirs(store, &format!("{RAW}{date}/")).await? {
+            let Some(hour) = parse_hour_path(&format!("{date}/{hh}")) else {
+                continue;
+            };
+            if now < (hour + 1) * HOUR_US + cfg.close_after_us {
+                continue;
+            }
+            match compact_hour(store, hour, &cfg).await {
+                Ok(r) => report.hours.push((hour, r)),
+                Err(e) => {
+                    tracing::error!(hour = %hour_path(hour), error = %format!("{e:#}"), "compaction failed");
+                    report
+                        .failed
+                        .push(format!("hour {}: {e:#}", hour_path(hour)));
+                }
+            }
+        }
+    }
+    for date in dirs(store, COMPACT).await? {
+        days.extend(parse_day_path(&date));
+    }
+    for day in days {
+        if now < day_hours(day).end * HOUR_US + cfg.close_after_us
+            || !day_pending(store, day).await?
+        {
+            continue;
+        }
+        match compact_day(store, day, &cfg).await {
+            Ok(r) => report.days.push((day, r)),
+            Err(e) => {
+                tracing::error!(day = %day_path(day), error = %format!("{e:#}"), "roll-up failed");
+                report.failed.push(format!("day {}: {e:#}", day_path(day)));
+            }
+        }
+    }
     Ok(report)
 }

@@ -21,7 +21,9 @@
 //!
 //! **Compaction** replaces an hour's raw segments by compacted objects: when the manifest's
 //! inputs were all ground, its outputs count as ground; otherwise they are ground with the
-//! identities already seen dropped.
+//! identities already seen dropped. A day roll-up's outputs are sources of the day's last hour
+//! (events `…/23/day-<name>.ndjson.gz`) and count as ground the same way: when every object
+//! its manifest replaced was (in a closed hour, or done in its open one).
 //!
 //! **Re-grinding** (`--from DATE` with a fresh checkpoint) starts at DATE's hour and deletes an
 //! hour's old events before grinding it again (recorded in the checkpoint, so a restart does
@@ -227,7 +229,22 @@ struct Ground {
 pub fn events_key(prefix: &str, src: &Source) -> String {
     let name = src.key.rsplit('/').next().unwrap_or(&src.key);
     let name = name.strip_suffix(".seg.gz").unwrap_or(name);
-    format!("{prefix}{}/{name}.ndjson.gz", hour_path(src.hour))
+    // A day roll-up's outputs are named like an hour's: keep their events apart.
+    let day = if reader::is_day_key(&src.key) {
+        "day-"
+    } else {
+        ""
+    };
+    format!("{prefix}{}/{day}{name}.ndjson.gz", hour_path(src.hour))
+}
+
+/// Was the object at `key` ground (its hour closed, or the object done in it)?
+fn was_ground(ckpt: &Checkpoint, key: &str) -> bool {
+    match reader::key_hour(key) {
+        Some(h) if h < ckpt.next_hour => true,
+        Some(h) => ckpt.hours.get(&h).is_some_and(|s| s.done.contains(key)),
+        None => false,
+    }
 }
 
 /// Gzip of NDJSON lines of `events`: serialised into memory, then compressed in one call (tiny
@@ -544,16 +561,28 @@ impl Grinder {
         let mut idle = true;
         let mut hour = self.ckpt.next_hour;
         while hour <= current {
-            let (sources, manifest) = reader::hour_plan(&self.store, hour).await?;
+            let plan = reader::hour_plan(&self.store, hour).await?;
+            let (sources, manifest) = (plan.sources, plan.manifest);
             if !self.ckpt.hours.get(&hour).is_some_and(|h| h.cleared) {
                 self.clear_hour(hour).await?;
             }
+            let day_ground = plan
+                .day
+                .filter(|_| hour == reader::last_hour(crate::timespec::day_of_hour(hour)))
+                .filter(|d| d.inputs.iter().all(|k| was_ground(&self.ckpt, k)));
             let state = self.ckpt.hours.entry(hour).or_default();
             if let Some(m) = &manifest
                 && m.inputs.iter().all(|k| state.done.contains(k))
             {
                 for o in &m.outputs {
                     if state.done.insert(o.clone()) {
+                        self.dirty = true;
+                    }
+                }
+            }
+            if let Some(d) = day_ground {
+                for o in d.outputs {
+                    if state.done.insert(o) {
                         self.dirty = true;
                     }
                 }

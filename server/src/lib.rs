@@ -31,7 +31,8 @@
 //! - [`grep`]: time-bounded, device-filtered, parallel search with ordered output.
 //! - [`grind`] with [`rules`] and [`reducer`]: regex rules turn new lines into events objects,
 //!   exactly once across restarts (checkpoint object), counted for Prometheus.
-//! - [`compact`]: an hour's segments into one object per device, switched by a manifest.
+//! - [`compact`]: an hour's segments into one object per device, then a day's hours into one
+//!   object per device for the day (`--auto` for cron), switched by manifests, streaming.
 #![forbid(unsafe_code)]
 
 pub mod accept;

@@ -44,30 +44,43 @@ enum Cmd {
     /// Follow the store, apply regex rules to every new line, write events back into the store
     /// and serve their counts as Prometheus metrics.
     Grind(GrindArgs),
-    /// Merge an hour's segments into one object per device (or device group), deduplicated
-    /// and in sequence order, then delete them.
+    /// Merge an hour's segments (--hour) or a day's hours (--day) into one object per device
+    /// (or device group), deduplicated and in sequence order, then delete them; --auto does
+    /// every closed hour and day not done yet (for cron).
     Compact(CompactArgs),
 }
 
 #[derive(clap::Args)]
+#[command(group(clap::ArgGroup::new("what").required(true).args(["hour", "day", "auto"])))]
 struct CompactArgs {
     /// Store URL: file:///path, s3://bucket/prefix (AWS_* variables) or a directory.
     #[arg(long, default_value = "./blackbox-data")]
     store: String,
     /// The ingest hour: 2026-11-21T14, any time inside it (RFC 3339), or relative (-2h).
     #[arg(long, allow_hyphen_values = true)]
-    hour: String,
+    hour: Option<String>,
+    /// The ingest day: 2026-11-21, any time inside it, or relative (-1d). Its hourly outputs
+    /// and raw segments become one object per device (or group) for the day.
+    #[arg(long, allow_hyphen_values = true)]
+    day: Option<String>,
+    /// Every closed hour with raw segments, then every closed day not rolled up yet (run it
+    /// from cron, e.g. hourly at :15).
+    #[arg(long)]
+    auto: bool,
     /// 0: one object per device; N: N objects by device hash (for large fleets).
     #[arg(long, default_value_t = 0)]
     groups: u32,
-    /// Compact an hour that receivers may still write to (late segments stay readable and a
-    /// later run takes them in).
-    #[arg(long)]
+    /// Compact an hour (or day) that receivers may still write to (late segments stay
+    /// readable and a later run takes them in).
+    #[arg(long, conflicts_with = "auto")]
     allow_open: bool,
-    /// Objects read at once.
+    /// Objects read (and outputs written) at once.
     #[arg(long, default_value_t = 8)]
     parallel: usize,
-    /// Test hook: abort at after-output, after-manifest or after-delete.
+    /// Upload outputs in parts of this many bytes (one PUT when smaller; S3 needs 5 MiB or more).
+    #[arg(long, default_value_t = 8 << 20, hide = true)]
+    part_size: usize,
+    /// Test hook: abort at mid-output, after-output, after-manifest or after-delete.
     #[arg(long, hide = true)]
     fault: Option<String>,
 }
@@ -348,37 +361,68 @@ fn main() -> anyhow::Result<()> {
 
 async fn compact_cmd(a: CompactArgs) -> anyhow::Result<()> {
     let store = Store::open(&a.store)?;
-    let hour = timespec::hour_of(timespec::parse_time(&a.hour, timespec::now_us())?);
     let cfg = compact::CompactConfig {
         groups: a.groups,
         allow_open: a.allow_open,
         parallel: a.parallel,
+        part_size: a.part_size,
         fault: a.fault,
         ..Default::default()
     };
-    let r = compact::compact_hour(&store, hour, &cfg).await?;
-    if r.generation == 0 {
-        println!("{}: nothing to compact", timespec::hour_path(hour));
-    } else {
+    let now = timespec::now_us();
+    if let Some(h) = &a.hour {
+        let hour = timespec::hour_of(timespec::parse_time(h, now)?);
+        let r = compact::compact_hour(&store, hour, &cfg).await?;
+        println!("{}", compact_summary(&timespec::hour_path(hour), &r));
+    } else if let Some(d) = &a.day {
+        let day = timespec::day_of_hour(timespec::hour_of(timespec::parse_time(d, now)?));
+        let r = compact::compact_day(&store, day, &cfg).await?;
         println!(
-            "{}: {} segments ({} chunks, {:.1} MB) -> {} objects ({} chunks, {:.1} MB), {} duplicate records dropped, generation {}{}",
-            timespec::hour_path(hour),
-            r.inputs,
-            r.chunks_in,
-            r.bytes_in as f64 / 1e6,
-            r.outputs,
-            r.chunks_out,
-            r.bytes_out as f64 / 1e6,
-            r.duplicates,
-            r.generation,
-            if r.kept > 0 {
-                format!("; {} damaged segments kept in place", r.kept)
-            } else {
-                String::new()
-            }
+            "{} (day): {}",
+            timespec::day_path(day),
+            compact_summary("", &r)
         );
+    } else {
+        let r = compact::compact_auto(&store, &cfg).await?;
+        for (hour, r) in r.hours.iter().filter(|(_, r)| r.generation > 0) {
+            println!("{}", compact_summary(&timespec::hour_path(*hour), r));
+        }
+        for (day, r) in r.days.iter().filter(|(_, r)| r.generation > 0) {
+            println!(
+                "{} (day): {}",
+                timespec::day_path(*day),
+                compact_summary("", r)
+            );
+        }
+        if !r.failed.is_empty() {
+            bail!("{} failed: {}", r.failed.len(), r.failed.join("; "));
+        }
     }
     Ok(())
+}
+
+/// One line about a compaction.
+fn compact_summary(label: &str, r: &compact::CompactReport) -> String {
+    let sep = if label.is_empty() { "" } else { ": " };
+    if r.generation == 0 {
+        return format!("{label}{sep}nothing to compact");
+    }
+    format!(
+        "{label}{sep}{} objects ({} chunks, {:.1} MB) -> {} objects ({} chunks, {:.1} MB), {} duplicate records dropped, generation {}{}",
+        r.inputs,
+        r.chunks_in,
+        r.bytes_in as f64 / 1e6,
+        r.outputs,
+        r.chunks_out,
+        r.bytes_out as f64 / 1e6,
+        r.duplicates,
+        r.generation,
+        if r.kept > 0 {
+            format!("; {} damaged segments kept in place", r.kept)
+        } else {
+            String::new()
+        }
+    )
 }
 
 async fn grind_cmd(a: GrindArgs) -> anyhow::Result<()> {

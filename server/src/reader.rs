@@ -6,7 +6,10 @@
 //! sequence range, wall-time range, byte offset, length). Compaction writes
 //! `compact/YYYY-MM-DD/HH/<group>.g<generation>.seg.gz` + `.idx` in the same formats, then
 //! `compact/YYYY-MM-DD/HH/manifest.json` naming the generation and the raw inputs it
-//! replaces; only after that are the inputs deleted (see [`crate::compact`]).
+//! replaces; only after that are the inputs deleted (see [`crate::compact`]). The day roll-up
+//! does the same for a whole day: `compact/YYYY-MM-DD/day/<group>.g<generation>.seg.gz` +
+//! `.idx`, then `compact/YYYY-MM-DD/day/manifest.json` naming the objects it replaces (raw
+//! segments and hourly outputs of any hour of the day).
 //!
 //! **Which objects.** Keys carry the *ingest* hour. A line's wall time can precede its ingest
 //! time by a whole outage (the device keeps its ring and uploads later) and can follow it by
@@ -16,12 +19,17 @@
 //! range without fetching it. Lines delayed more than `max_delay` are found with a larger
 //! `--max-delay`.
 //!
-//! **The hour's sources** ([`hour_sources`]): one LIST per prefix. With a manifest: the current
-//! generation's compacted objects, plus raw segments the manifest does not name (written after
-//! the compaction); without one, the raw segments (half-written compaction outputs are
-//! ignored). A source that vanishes while being read (its hour was compacted in between) makes
-//! the reader plan that hour again; records already passed on are dropped by identity, so a
-//! reader sees every line exactly once before, during and after a compaction.
+//! **The hour's sources** ([`hour_plan`], [`plan_hours`]): one LIST of the hour's raw
+//! segments, then one GET of its manifest, then one GET of its day's roll-up manifest (in that
+//! order: a compaction deletes objects only after the manifest that replaces them is durable,
+//! so a manifest read after the LIST covers every object the LIST missed). With an hourly
+//! manifest: the current generation's compacted objects, plus raw segments the manifest does
+//! not name (written after the compaction); without one, the raw segments (half-written
+//! compaction outputs are ignored). With a day manifest: its outputs once for the day (as
+//! sources of the day's last hour), and of each hour only the objects it does not name. A
+//! source that vanishes while being read (its hour was compacted or rolled up in between)
+//! makes the reader plan that hour again; records already passed on are dropped by identity,
+//! so a reader sees every line exactly once before, during and after a compaction.
 //!
 //! **Which chunks** ([`read_source`]): the index object selects the chunks of the wanted devices
 //! and wall range, fetched with ranged GETs (adjacent ranges coalesced); a source whose chunks
@@ -29,7 +37,7 @@
 //! segment's gzip headers. Every chunk goes through [`Chunk::inflate`] (header CRC, declared
 //! sizes, bounded inflate, payload CRC): a damaged object is reported by key and offset, and
 //! reading goes on with the next chunk.
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -44,14 +52,18 @@ use crate::dedup::{Overlap, Seen};
 use crate::scan::{self, Fields};
 use crate::segment::{IndexEntry, parse_index};
 use crate::store::Store;
-use crate::timespec::{HOUR_US, hour_of, hour_path};
+use crate::timespec::{
+    DAY_HOURS, HOUR_US, day_hours, day_of_hour, day_path, hour_of, hour_path, parse_day_path,
+};
 
 /// Prefix of the receiver's segments.
 pub const RAW: &str = "raw/";
 /// Prefix of compaction's outputs and manifests.
 pub const COMPACT: &str = "compact/";
-/// Name of an hour's compaction manifest.
+/// Name of an hour's (or a day's) compaction manifest.
 pub const MANIFEST: &str = "manifest.json";
+/// The "hour" part of a day roll-up's keys: `compact/YYYY-MM-DD/day/`.
+pub const DAY: &str = "day";
 
 /// How far ingest time may lie from wall time (see the module doc).
 #[derive(Debug, Clone, Copy)]
@@ -94,23 +106,78 @@ pub fn compact_prefix(hour: i64) -> String {
     format!("{COMPACT}{}/", hour_path(hour))
 }
 
+/// `compact/YYYY-MM-DD/day/`: a day roll-up's outputs and manifest.
+pub fn day_prefix(day: i64) -> String {
+    format!("{COMPACT}{}/{DAY}/", day_path(day))
+}
+
+/// The last hour of a day: a day roll-up's outputs are sources of that hour.
+pub fn last_hour(day: i64) -> i64 {
+    (day + 1) * DAY_HOURS - 1
+}
+
+/// Is this a day roll-up's object (`compact/YYYY-MM-DD/day/…`)?
+pub fn is_day_key(key: &str) -> bool {
+    let mut parts = key.split('/');
+    parts.next() == Some(COMPACT.trim_end_matches('/'))
+        && parts.next().is_some()
+        && parts.next() == Some(DAY)
+}
+
+/// The ingest hour a source key belongs to: `raw/` and `compact/` keys name theirs, a day
+/// roll-up's object belongs to the day's last hour.
+pub fn key_hour(key: &str) -> Option<i64> {
+    let mut parts = key.split('/');
+    let top = parts.next()?;
+    if top != RAW.trim_end_matches('/') && top != COMPACT.trim_end_matches('/') {
+        return None;
+    }
+    let date = parts.next()?;
+    match parts.next()? {
+        DAY => Some(last_hour(parse_day_path(date)?)),
+        hh => crate::timespec::parse_hour_path(&format!("{date}/{hh}")),
+    }
+}
+
 /// The index key beside an object key (`….seg.gz` → `….idx`).
 pub fn idx_key(seg_key: &str) -> String {
     format!("{}.idx", seg_key.strip_suffix(".seg.gz").unwrap_or(seg_key))
 }
 
-/// An hour's compaction manifest: written after every output of its generation is durable,
-/// before any input is deleted.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// An hour's (or a day roll-up's) compaction manifest: written after every output of its
+/// generation is durable, before any input is deleted.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Manifest {
     /// Format version (1).
     pub version: u32,
     /// Outputs of this generation are the current ones.
     pub generation: u64,
-    /// Keys of the raw segments the outputs replace (deleted once the manifest is durable).
+    /// Keys of the objects the outputs replace (deleted once the manifest is durable): an
+    /// hour's raw segments (all generations'); for a day, this generation's raw segments,
+    /// hourly outputs and the previous day generation's outputs.
     pub inputs: Vec<String>,
     /// Keys of the outputs of this generation.
     pub outputs: Vec<String>,
+    /// Raw segments with damage left in place (readers keep reading them): their intact
+    /// chunks are in the outputs too, so only new segments make the hour or day worth
+    /// compacting again.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub kept: Vec<String>,
+    /// Day roll-up only: the generation of each hour's manifest it took in (`"HH"` →
+    /// generation). Those hourly manifests are deleted with the inputs; an hour compacted
+    /// again later continues after this generation, so no key is ever reused.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub hours: BTreeMap<String, u64>,
+}
+
+impl Manifest {
+    /// The hourly generation a day manifest took in for `hour` (0: none).
+    pub fn hour_generation(&self, hour: i64) -> u64 {
+        self.hours
+            .get(&format!("{:02}", hour.rem_euclid(DAY_HOURS)))
+            .copied()
+            .unwrap_or(0)
+    }
 }
 
 /// One object to read: a raw segment or a compaction output.
@@ -118,7 +185,7 @@ pub struct Manifest {
 pub struct Source {
     /// The object key (`….seg.gz`).
     pub key: String,
-    /// Its ingest hour.
+    /// Its ingest hour (a day roll-up's outputs: the day's last hour).
     pub hour: i64,
     /// Set when every chunk in it is this device's (a per-device compaction output).
     pub device: Option<String>,
@@ -141,6 +208,7 @@ pub enum ReadError {
 
 /// The hours of `wanted` that hold any object (raw or compacted). A long range is narrowed by
 /// listing the date and hour "directories" (delimiter listings) instead of one LIST per hour.
+/// A day with a roll-up counts with its last wanted hour (whose plan brings the day's outputs).
 pub async fn existing_hours(store: &Store, wanted: &[i64]) -> Result<Vec<i64>, ReadError> {
     if wanted.len() <= 48 {
         return Ok(wanted.to_vec());
@@ -154,18 +222,19 @@ pub async fn existing_hours(store: &Store, wanted: &[i64]) -> Result<Vec<i64>, R
             .await?;
         for d in dates.common_prefixes {
             let date = d.filename().unwrap_or_default().to_owned();
-            let Some(day_start) = crate::timespec::parse_hour_path(&format!("{date}/00")) else {
+            let Some(day) = parse_day_path(&date) else {
                 continue;
             };
-            if !(day_start..day_start + 24).any(|h| want.contains(&h)) {
+            let Some(&last_wanted) = want.range(day_hours(day)).next_back() else {
                 continue;
-            }
+            };
             let hours = store.object_store().list_with_delimiter(Some(&d)).await?;
             for h in hours.common_prefixes {
-                if let Some(h) = crate::timespec::parse_hour_path(&format!(
-                    "{date}/{}",
-                    h.filename().unwrap_or_default()
-                )) && want.contains(&h)
+                let name = h.filename().unwrap_or_default();
+                if name == DAY {
+                    found.insert(last_wanted);
+                } else if let Some(h) = crate::timespec::parse_hour_path(&format!("{date}/{name}"))
+                    && want.contains(&h)
                 {
                     found.insert(h);
                 }
@@ -192,12 +261,11 @@ pub async fn delete(store: &Store, key: &str) -> Result<(), ReadError> {
     }
 }
 
-/// The hour's manifest, if any. One that does not parse is reported and treated as absent
+/// The manifest at `key`, if any. One that does not parse is reported and treated as absent
 /// (its inputs are deleted only after it was written whole, so they are still there unless
 /// the object was damaged later).
-pub async fn read_manifest(store: &Store, hour: i64) -> Result<Option<Manifest>, ReadError> {
-    let key = format!("{}{MANIFEST}", compact_prefix(hour));
-    let Some(bytes) = get_opt(store, &key).await? else {
+async fn manifest_at(store: &Store, key: &str) -> Result<Option<Manifest>, ReadError> {
+    let Some(bytes) = get_opt(store, key).await? else {
         return Ok(None);
     };
     match serde_json::from_slice::<Manifest>(&bytes) {
@@ -209,45 +277,154 @@ pub async fn read_manifest(store: &Store, hour: i64) -> Result<Option<Manifest>,
     }
 }
 
-/// The objects that hold an hour's lines, each line exactly once up to duplicates by
-/// identity (see the module doc): compacted outputs first, then raw segments, each in key order.
-pub async fn hour_sources(store: &Store, hour: i64) -> Result<Vec<Source>, ReadError> {
-    Ok(hour_plan(store, hour).await?.0)
+/// The hour's compaction manifest, if any (see [`manifest_at`] for one that does not parse).
+pub async fn read_manifest(store: &Store, hour: i64) -> Result<Option<Manifest>, ReadError> {
+    manifest_at(store, &format!("{}{MANIFEST}", compact_prefix(hour))).await
 }
 
-/// [`hour_sources`] and the manifest it followed.
-pub async fn hour_plan(
-    store: &Store,
-    hour: i64,
-) -> Result<(Vec<Source>, Option<Manifest>), ReadError> {
-    let (raw, manifest) = futures::try_join!(
-        async { store.list(&raw_prefix(hour)).await.map_err(ReadError::from) },
-        read_manifest(store, hour)
-    )?;
-    let mut out = Vec::new();
-    let replaced: HashSet<&str> = match &manifest {
-        Some(m) => {
+/// The day's roll-up manifest, if any.
+pub async fn read_day_manifest(store: &Store, day: i64) -> Result<Option<Manifest>, ReadError> {
+    manifest_at(store, &format!("{}{MANIFEST}", day_prefix(day))).await
+}
+
+/// What an hour holds: its raw segments (one LIST) and its manifest (one GET, after the LIST).
+#[derive(Debug, Clone)]
+pub struct Listed {
+    /// The hour.
+    pub hour: i64,
+    /// Its raw keys, sorted.
+    pub raw: Vec<String>,
+    /// Its compaction manifest.
+    pub manifest: Option<Manifest>,
+}
+
+/// Lists an hour, then reads its manifest: in that order (see the module doc).
+pub async fn list_hour(store: &Store, hour: i64) -> Result<Listed, ReadError> {
+    let raw = store.list(&raw_prefix(hour)).await?;
+    let manifest = read_manifest(store, hour).await?;
+    Ok(Listed {
+        hour,
+        raw,
+        manifest,
+    })
+}
+
+impl Listed {
+    /// The hour's own sources under its day's roll-up manifest `day`: its compacted outputs,
+    /// then its raw segments, each in key order, leaving out what either manifest replaced.
+    pub fn sources(&self, day: Option<&Manifest>) -> Vec<Source> {
+        let by_day: HashSet<&str> = day
+            .map(|d| d.inputs.iter().map(String::as_str).collect())
+            .unwrap_or_default();
+        let mut out = Vec::new();
+        let mut replaced: HashSet<&str> = HashSet::new();
+        if let Some(m) = &self.manifest {
             for key in &m.outputs {
+                if !by_day.contains(key.as_str()) {
+                    out.push(Source {
+                        key: key.clone(),
+                        hour: self.hour,
+                        device: output_device(key).map(str::to_owned),
+                    });
+                }
+            }
+            replaced.extend(m.inputs.iter().map(String::as_str));
+        }
+        for key in &self.raw {
+            if key.ends_with(".seg.gz")
+                && !replaced.contains(key.as_str())
+                && !by_day.contains(key.as_str())
+            {
                 out.push(Source {
                     key: key.clone(),
-                    hour,
-                    device: output_device(key).map(str::to_owned),
+                    hour: self.hour,
+                    device: None,
                 });
             }
-            m.inputs.iter().map(String::as_str).collect()
         }
-        None => HashSet::new(),
-    };
-    for key in raw {
-        if key.ends_with(".seg.gz") && !replaced.contains(key.as_str()) {
-            out.push(Source {
-                key,
-                hour,
-                device: None,
-            });
-        }
+        out
     }
-    Ok((out, manifest))
+}
+
+/// A day roll-up's outputs as sources (of the day's last hour).
+pub fn day_sources(day: i64, m: &Manifest) -> Vec<Source> {
+    m.outputs
+        .iter()
+        .map(|key| Source {
+            key: key.clone(),
+            hour: last_hour(day),
+            device: output_device(key).map(str::to_owned),
+        })
+        .collect()
+}
+
+/// An hour's sources and the manifests they follow.
+#[derive(Debug, Clone)]
+pub struct HourPlan {
+    /// The objects that hold the hour's lines (see [`hour_plan`]).
+    pub sources: Vec<Source>,
+    /// The hour's compaction manifest.
+    pub manifest: Option<Manifest>,
+    /// Its day's roll-up manifest.
+    pub day: Option<Manifest>,
+}
+
+/// The objects that hold an hour's lines, each line exactly once up to duplicates by
+/// identity (see the module doc): for the last hour of a rolled-up day, the day's outputs
+/// first; then the hour's compacted outputs, then its raw segments, each in key order.
+pub async fn hour_plan(store: &Store, hour: i64) -> Result<HourPlan, ReadError> {
+    let listed = list_hour(store, hour).await?;
+    let day = day_of_hour(hour);
+    let day_manifest = read_day_manifest(store, day).await?;
+    let mut sources = match &day_manifest {
+        Some(d) if hour == last_hour(day) => day_sources(day, d),
+        _ => Vec::new(),
+    };
+    sources.extend(listed.sources(day_manifest.as_ref()));
+    Ok(HourPlan {
+        sources,
+        manifest: listed.manifest,
+        day: day_manifest,
+    })
+}
+
+/// The sources of several hours, in hour order, each line exactly once up to duplicates by
+/// identity: every hour listed (`parallel` at a time), then each day's roll-up manifest read
+/// once, whose outputs come first among its day's sources when any of its hours is wanted.
+pub async fn plan_hours(
+    store: &Store,
+    hours: &[i64],
+    parallel: usize,
+) -> Result<Vec<Source>, ReadError> {
+    let listed: Vec<Listed> = futures::stream::iter(hours.iter().map(|&h| list_hour(store, h)))
+        .buffered(parallel.max(1))
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<_, _>>()?;
+    let days: BTreeSet<i64> = hours.iter().map(|&h| day_of_hour(h)).collect();
+    let manifests: BTreeMap<i64, Option<Manifest>> = futures::stream::iter(
+        days.into_iter()
+            .map(|d| async move { Ok::<_, ReadError>((d, read_day_manifest(store, d).await?)) }),
+    )
+    .buffered(parallel.max(1))
+    .collect::<Vec<_>>()
+    .await
+    .into_iter()
+    .collect::<Result<_, _>>()?;
+    let mut out = Vec::new();
+    let mut days_done = BTreeSet::new();
+    for l in &listed {
+        let day = day_of_hour(l.hour);
+        let m = manifests.get(&day).and_then(Option::as_ref);
+        if let Some(m) = m
+            && days_done.insert(day)
+        {
+            out.extend(day_sources(day, m));
+        }
+        out.extend(l.sources(m));
+    }
+    Ok(out)
 }
 
 /// Which lines a reader wants.
@@ -372,7 +549,7 @@ fn inflate_fast(
 }
 
 /// Decodes the member at `offset` of `bytes`, naming the key in any error.
-fn decode_member(
+pub(crate) fn decode_member(
     key: &Arc<str>,
     offset: u64,
     member: bytes::Bytes,
@@ -645,14 +822,7 @@ pub async fn read_hours(
 ) -> Result<(), ReadError> {
     let parallel = parallel.max(1);
     let hours = existing_hours(store, hours).await?;
-    let plans: Vec<Vec<Source>> =
-        futures::stream::iter(hours.iter().map(|&h| hour_sources(store, h)))
-            .buffered(parallel)
-            .collect::<Vec<_>>()
-            .await
-            .into_iter()
-            .collect::<Result<_, _>>()?;
-    let mut todo: Vec<Source> = plans.into_iter().flatten().collect();
+    let mut todo = plan_hours(store, &hours, parallel).await?;
     for _attempt in 0..4 {
         progress
             .sources
@@ -682,10 +852,8 @@ pub async fn read_hours(
             hours = again.len(),
             "objects were compacted while being read; reading their hours again"
         );
-        todo.clear();
-        for h in again {
-            todo.extend(hour_sources(store, h).await?);
-        }
+        let again: Vec<i64> = again.into_iter().collect();
+        todo = plan_hours(store, &again, parallel).await?;
     }
     tracing::error!("objects kept vanishing while being read; giving up on them");
     Ok(())
@@ -730,18 +898,11 @@ mod tests {
         let mut entries = Vec::new();
         for c in chunks {
             let full = Chunk::decode(c, &Limits::DEFAULT).unwrap();
-            let (lo, hi) = full.wall_range();
-            let e = IndexEntry {
-                device: full.id.device.to_string(),
-                boot: full.id.boot.to_string(),
-                first_seq: full.id.first_seq,
-                last_seq: full.id.last_seq,
-                records: full.records.len() as u32,
-                wall_min_us: lo,
-                wall_max_us: hi,
-                byte_offset: seg.len() as u64,
-                byte_len: c.len() as u64,
-            };
+            let e = IndexEntry::of(
+                &crate::segment::Accepted::of(&full),
+                seg.len() as u64,
+                c.len() as u64,
+            );
             serde_json::to_writer(&mut idx, &e).unwrap();
             idx.push(b'\n');
             seg.extend_from_slice(c);
@@ -750,6 +911,14 @@ mod tests {
         store.put(key, seg).await.unwrap();
         store.put(&idx_key(key), idx).await.unwrap();
         entries
+    }
+
+    async fn put_manifest(store: &Store, prefix: &str, m: &Manifest) {
+        let key = format!("{prefix}{MANIFEST}");
+        store
+            .put(&key, serde_json::to_vec(m).unwrap())
+            .await
+            .unwrap();
     }
 
     fn seqs(reads: &[SourceRead]) -> Vec<(String, u64)> {
@@ -878,21 +1047,19 @@ mod tests {
         )
         .await;
         let names = |s: Vec<Source>| s.into_iter().map(|s| s.key).collect::<Vec<_>>();
-        assert_eq!(names(hour_sources(&store, HOUR).await.unwrap()).len(), 2);
+        assert_eq!(
+            names(hour_plan(&store, HOUR).await.unwrap().sources).len(),
+            2
+        );
         let m = Manifest {
             version: 1,
             generation: 1,
             inputs: vec![format!("{raw}r0-a.seg.gz")],
             outputs: vec![format!("{comp}d-d1.g1.seg.gz")],
+            ..Default::default()
         };
-        store
-            .put(
-                &format!("{comp}{MANIFEST}"),
-                serde_json::to_vec(&m).unwrap(),
-            )
-            .await
-            .unwrap();
-        let sources = hour_sources(&store, HOUR).await.unwrap();
+        put_manifest(&store, &comp, &m).await;
+        let sources = hour_plan(&store, HOUR).await.unwrap().sources;
         assert_eq!(sources[0].device.as_deref(), Some("d1"));
         assert_eq!(
             names(sources),
@@ -907,6 +1074,84 @@ mod tests {
             output_device("compact/x/y/d-cam-1.2.g12.seg.gz"),
             Some("cam-1.2")
         );
+    }
+
+    #[tokio::test]
+    async fn a_day_manifest_replaces_its_inputs_in_every_hour() {
+        let store = Store::open("memory://").unwrap();
+        let day = day_of_hour(HOUR);
+        let (h0, h1) = (day * DAY_HOURS + 3, HOUR);
+        let (raw0, raw1, dayp) = (raw_prefix(h0), raw_prefix(h1), day_prefix(day));
+        put_segment(&store, &format!("{raw0}r0-a.seg.gz"), &[chunk("d1", 0, 10)]).await;
+        put_segment(
+            &store,
+            &format!("{raw1}r0-b.seg.gz"),
+            &[chunk("d1", 10, 10)],
+        )
+        .await;
+        put_segment(
+            &store,
+            &format!("{dayp}d-d1.g1.seg.gz"),
+            &[chunk("d1", 0, 20)],
+        )
+        .await;
+        let m = Manifest {
+            version: 1,
+            generation: 1,
+            inputs: vec![format!("{raw0}r0-a.seg.gz"), format!("{raw1}r0-b.seg.gz")],
+            outputs: vec![format!("{dayp}d-d1.g1.seg.gz")],
+            ..Default::default()
+        };
+        put_manifest(&store, &dayp, &m).await;
+        // A late segment in a rolled-up hour.
+        put_segment(&store, &format!("{raw1}r0-c.seg.gz"), &[chunk("d1", 20, 5)]).await;
+        let names = |s: Vec<Source>| s.into_iter().map(|s| s.key).collect::<Vec<_>>();
+        assert_eq!(
+            names(hour_plan(&store, h0).await.unwrap().sources),
+            Vec::<String>::new()
+        );
+        let last = hour_plan(&store, last_hour(day)).await.unwrap();
+        assert_eq!(names(last.sources), vec![format!("{dayp}d-d1.g1.seg.gz")]);
+        assert_eq!(last.day, Some(m));
+        // A range of some of the day's hours: the day's outputs once, then what is new.
+        let planned = plan_hours(&store, &[h0, h1], 2).await.unwrap();
+        assert_eq!(planned[0].hour, last_hour(day));
+        assert_eq!(planned[0].device.as_deref(), Some("d1"));
+        assert_eq!(
+            names(planned),
+            vec![
+                format!("{dayp}d-d1.g1.seg.gz"),
+                format!("{raw1}r0-c.seg.gz")
+            ]
+        );
+        for (hour, lines) in [(h0, 20), (h1, 25)] {
+            let reads = read_all(&store, hour, &Filter::all()).await;
+            let want: Vec<(String, u64)> = (0..lines).map(|s| ("d1".to_owned(), s)).collect();
+            assert_eq!(seqs(&reads), want, "{}", hour_path(hour));
+        }
+    }
+
+    #[test]
+    fn keys_name_their_hour() {
+        let day = day_of_hour(HOUR);
+        assert_eq!(
+            key_hour(&format!("{}x.seg.gz", raw_prefix(HOUR))),
+            Some(HOUR)
+        );
+        assert_eq!(
+            key_hour(&format!("{}x.seg.gz", compact_prefix(HOUR))),
+            Some(HOUR)
+        );
+        let day_key = format!("{}d-x.g1.seg.gz", day_prefix(day));
+        assert_eq!(day_key, "compact/2026-11-21/day/d-x.g1.seg.gz");
+        assert_eq!(key_hour(&day_key), Some(last_hour(day)));
+        assert!(is_day_key(&day_key));
+        assert!(!is_day_key(&format!(
+            "{}d-x.g1.seg.gz",
+            compact_prefix(HOUR)
+        )));
+        assert_eq!(key_hour("events/2026-11-21/14/x.ndjson.gz"), None);
+        assert_eq!(hour_path(last_hour(day)), "2026-11-21/23");
     }
 
     #[test]

@@ -65,7 +65,8 @@ impl IndexEntry {
         })
     }
 
-    fn of(chunk: &Accepted, offset: u64, len: u64) -> Self {
+    /// The entry of a chunk stored at `offset` of a segment, `len` bytes long.
+    pub fn of(chunk: &Accepted, offset: u64, len: u64) -> Self {
         Self {
             device: chunk.id.device.to_string(),
             boot: chunk.id.boot.to_string(),

@@ -187,6 +187,30 @@ pub fn parse_hour_path(s: &str) -> Option<i64> {
     (hh.len() == 2).then_some(hour_of(us))
 }
 
+/// Hours in a day.
+pub const DAY_HOURS: i64 = 24;
+
+/// The day (days since the epoch) an hour falls in.
+pub fn day_of_hour(hour: i64) -> i64 {
+    hour.div_euclid(DAY_HOURS)
+}
+
+/// The hours of a day.
+pub fn day_hours(day: i64) -> std::ops::Range<i64> {
+    day * DAY_HOURS..(day + 1) * DAY_HOURS
+}
+
+/// `YYYY-MM-DD` of a day number: the date part of a key.
+pub fn day_path(day: i64) -> String {
+    let (y, m, d) = blackbox_protocol::time::civil_from_days(day);
+    format!("{y:04}-{m:02}-{d:02}")
+}
+
+/// The day number a `YYYY-MM-DD` key part names.
+pub fn parse_day_path(s: &str) -> Option<i64> {
+    Some(day_of_hour(parse_hour_path(&format!("{s}/00"))?))
+}
+
 /// `us` as RFC 3339 with microseconds.
 pub fn rfc3339(us: i64) -> String {
     let mut s = String::with_capacity(27);
@@ -242,5 +266,10 @@ mod tests {
         assert_eq!(hour_path(h), "2026-11-21/14");
         assert_eq!(parse_hour_path("2026-11-21/14"), Some(h));
         assert_eq!(rfc3339(NOW), "2026-11-21T14:03:05.123456Z");
+        let day = day_of_hour(h);
+        assert_eq!(day_path(day), "2026-11-21");
+        assert_eq!(parse_day_path("2026-11-21"), Some(day));
+        assert!(day_hours(day).contains(&h));
+        assert_eq!(parse_day_path("2026-11-21/14"), None);
     }
 }

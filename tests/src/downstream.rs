@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use blackbox_protocol::{BootId, Chunk, DeviceId, Limits, Origin, Record, SyncPoint};
 
+use blackbox_server::segment::{Accepted, IndexEntry};
+
 use crate::harness::bin;
 
 /// One record to put in a chunk: (sequence number, monotonic µs, message).
@@ -155,4 +157,28 @@ pub fn line_chunks(
             encode(device, boot, sync, &recs)
         })
         .collect()
+}
+
+/// Writes a raw segment of `chunks` and its index under `key` (`raw/YYYY-MM-DD/HH/….seg.gz`),
+/// as a receiver would have at that ingest hour.
+pub fn put_segment(store_url: &str, env: &[(String, String)], key: &str, chunks: &[Vec<u8>]) {
+    let mut seg = Vec::new();
+    let mut idx = Vec::new();
+    for c in chunks {
+        let full = Chunk::decode(c, &Limits::DEFAULT).unwrap();
+        let entry = IndexEntry::of(&Accepted::of(&full), seg.len() as u64, c.len() as u64);
+        serde_json::to_writer(&mut idx, &entry).unwrap();
+        idx.push(b'\n');
+        seg.extend_from_slice(c);
+    }
+    let store = blackbox_server::Store::open_with(store_url, env).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        store.put(key, seg).await.unwrap();
+        let idx_key = format!("{}.idx", key.strip_suffix(".seg.gz").unwrap());
+        store.put(&idx_key, idx).await.unwrap();
+    });
 }

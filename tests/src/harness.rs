@@ -458,11 +458,7 @@ pub fn read_store(store_url: &str, env: &[(String, String)]) -> Vec<StoredLine> 
                 if !key.ends_with(".seg.gz") {
                     continue;
                 }
-                let bytes = store.get(&key).await.unwrap();
-                let mut text = String::new();
-                flate2::read::MultiGzDecoder::new(&bytes[..])
-                    .read_to_string(&mut text)
-                    .unwrap();
+                let text = gunzip(&store.get(&key).await.unwrap());
                 for l in text.lines() {
                     let v: serde_json::Value = serde_json::from_str(l).unwrap();
                     out.push(StoredLine {
@@ -478,6 +474,15 @@ pub fn read_store(store_url: &str, env: &[(String, String)]) -> Vec<StoredLine> 
             out
         })
     }
+}
+
+/// The text of gzip members back to back (a segment or an events object), as `zcat` reads it.
+pub fn gunzip(bytes: &[u8]) -> String {
+    let mut text = String::new();
+    flate2::read::MultiGzDecoder::new(bytes)
+        .read_to_string(&mut text)
+        .unwrap();
+    text
 }
 
 /// Keys in the store under `prefix`.
