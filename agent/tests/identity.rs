@@ -526,7 +526,7 @@ fn mutual_tls_upload_presents_the_device_certificate() {
     let up = uploader(format!("{addr}/"), &id, &ca); // a trailing slash in --server is fine
     let answer = up.send(b"chunk bytes");
     let seen = server.join().unwrap().unwrap();
-    assert_eq!(answer, Answer::Acked { duplicate: false });
+    assert_eq!(answer, Answer::Acked { duplicates: 0 });
     assert_eq!(seen.peer, Some(id.fingerprint));
     assert!(seen.head.starts_with("post /v1/chunks "), "{}", seen.head);
     assert_eq!(seen.body_len, b"chunk bytes".len());

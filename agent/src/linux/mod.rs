@@ -406,12 +406,21 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
         if let Some((ids, answer)) = sender.answer() {
             let what = Batch(&ids);
             match answer {
-                Answer::Acked { duplicate } => {
+                Answer::Acked { duplicates } => {
                     for id in &ids {
                         buf.ack(id)?;
                     }
-                    if duplicate {
-                        eprintln!("blackbox-agent: {what} already stored");
+                    match (duplicates, ids.len()) {
+                        (0, _) => {}
+                        (_, 1) => eprintln!("blackbox-agent: {what} was already stored"),
+                        (d, n) => eprintln!(
+                            "blackbox-agent: {what}: {} already stored",
+                            if d >= n {
+                                "all".to_owned()
+                            } else {
+                                format!("{d} of them")
+                            }
+                        ),
                     }
                     // The next chunks go at once.
                     next_upload = Instant::now();

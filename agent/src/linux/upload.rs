@@ -27,8 +27,9 @@ use super::identity::Identity;
 /// The header that names the device in plain HTTP mode.
 pub const DEVICE_HEADER: &str = "x-blackbox-device";
 
-/// Largest response body read (the server's answers are a short JSON object).
-const BODY_LIMIT: u64 = 4096;
+/// Largest response body read (the server's answers are a short JSON object; a batch's lists
+/// its chunks, about 150 bytes each).
+const BODY_LIMIT: u64 = 32 << 10;
 
 /// What to tell an operator when the server refuses the device.
 const ALLOWLIST_HINT: &str = "is this device on the server's allowlist? \
@@ -39,8 +40,8 @@ const ALLOWLIST_HINT: &str = "is this device on the server's allowlist? \
 pub enum Answer {
     /// Durably stored (201) or recognised as already stored (200).
     Acked {
-        /// True when the server already had it.
-        duplicate: bool,
+        /// How many of the request's chunks the server already had (for the log).
+        duplicates: usize,
     },
     /// Not stored; try again later. Every network and TLS error, timeout, refusal, 5xx and 503
     /// lands here, as do 401/403 (a device not yet on the allowlist).
@@ -288,8 +289,13 @@ impl Uploader {
             .unwrap_or_default();
         let body = body.trim();
         match status {
-            200 => Answer::Acked { duplicate: true },
-            201 => Answer::Acked { duplicate: false },
+            // All of them already stored; or some new, and a batch's answer lists each.
+            200 => Answer::Acked {
+                duplicates: body.matches(r#""status":"duplicate""#).count().max(1),
+            },
+            201 => Answer::Acked {
+                duplicates: body.matches(r#""status":"duplicate""#).count(),
+            },
             400 | 413 | 422 => Answer::Rejected {
                 why: format!("{status}: {body}"),
             },
