@@ -211,6 +211,10 @@ fn agents_back_off_under_503_and_deliver_everything() {
         ],
         tmp.path(),
     );
+    // Agents send their backlog in a batch or two, each in flight only for a moment: a slow
+    // client holds the only place for the agents' first attempts (within their 2 s interval)
+    // until its body deadline (5 s grace plus its length at 4 KiB/s).
+    let blocker = hold_a_request_open(server.port, Duration::from_secs(6));
     let interval_ms = 2000;
     let mut agents = Vec::new();
     let mut files = Vec::new();
@@ -230,6 +234,7 @@ fn agents_back_off_under_503_and_deliver_everything() {
     let ok = wait_until(Duration::from_secs(120), || {
         read_store(&store, &[]).len() >= 2400
     });
+    blocker.join().unwrap();
     let by_dev = seqs_by_device(&read_store(&store, &[]));
     let logs: Vec<String> = agents.iter().map(Agent::log_text).collect();
     assert!(
@@ -262,6 +267,24 @@ fn agents_back_off_under_503_and_deliver_everything() {
         waits.iter().all(|w| *w <= interval_ms),
         "a backoff exceeded the interval: {waits:?}"
     );
+}
+
+/// A client that sends a request's headers and then its body a byte every 100 ms, for `hold`
+/// (the server's in-flight place stays taken meanwhile), then hangs up.
+fn hold_a_request_open(port: u16, hold: Duration) -> std::thread::JoinHandle<()> {
+    use std::io::Write as _;
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    conn.write_all(
+        b"POST /v1/chunks HTTP/1.1\r\nhost: x\r\nx-blackbox-device: slow\r\n\
+          content-length: 8192\r\n\r\n",
+    )
+    .unwrap();
+    let start = Instant::now();
+    std::thread::spawn(move || {
+        while start.elapsed() < hold && conn.write_all(b"x").is_ok() {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    })
 }
 
 /// Records the kernel overwrote before the agent read them (a sequence jump, as after EPIPE on
