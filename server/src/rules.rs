@@ -9,19 +9,23 @@
 //! ```
 //!
 //! An event's labels are the rule's fixed labels plus every named capture group that took part
-//! in the match. Matching is two-step: one [`RegexSet`] over every rule says which rules match a
-//! message at all (most messages match none, and are done after one pass), then only those rules
-//! run with captures. Patterns use Rust's `regex` syntax (no look-around, no backreferences),
-//! which guarantees time linear in the message length whatever the rule.
+//! in the match. Matching is two-step: a literal prefilter (one Aho-Corasick pass over the
+//! message for the literals every rule requires, see [`crate::prefilter`]) says which rules can
+//! match at all (most messages leave most rules out), then only those run their regex, with
+//! captures. Patterns use Rust's `regex` syntax (no look-around, no backreferences), which
+//! guarantees time linear in the message length whatever the rule.
 //!
 //! Classes are ASCII by default: `\w`, `\d`, `\s`, `\b` and `(?i)` work on ASCII and `.` or
-//! `\S` match any byte, which is what log lines need and keeps 50 rules' automaton small (with
-//! Unicode classes the lazy DFA spent most of its time rebuilding states). Write `(?u:\w)` for a
-//! Unicode class.
+//! `\S` match any byte, which is what log lines need and keeps each rule's automaton small
+//! (with Unicode classes the lazy DFA spent most of its time rebuilding states). Write
+//! `(?u:\w)` for a Unicode class.
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
-use regex::bytes::{Regex, RegexBuilder, RegexSet, RegexSetBuilder};
+use regex::bytes::{CaptureLocations, Regex, RegexBuilder};
 use serde::Deserialize;
+
+use crate::prefilter::{Candidates, Prefilter};
 
 /// The rules that ship with blackbox: what routers and DVRs say when something happens.
 pub const DEFAULT_RULES: &str = include_str!("../rules/default.toml");
@@ -72,13 +76,24 @@ pub enum RulesError {
     },
 }
 
+/// Where an event label's value comes from.
+#[derive(Debug)]
+enum LabelValue {
+    Fixed(String),
+    /// A capture group, by index.
+    Capture(usize),
+}
+
 /// One compiled rule.
 #[derive(Debug)]
 pub struct Rule {
     /// Event name.
     pub name: String,
     re: Regex,
+    /// Fixed labels, by name.
     labels: Vec<(String, String)>,
+    /// The event's labels by name: the fixed ones, and the captures no fixed label shadows.
+    event_labels: Vec<(String, LabelValue)>,
     /// Labels the metrics keep.
     pub metric_labels: Vec<String>,
 }
@@ -86,8 +101,53 @@ pub struct Rule {
 /// A compiled rules file.
 #[derive(Debug)]
 pub struct Rules {
-    set: RegexSet,
+    prefilter: Prefilter,
     rules: Vec<Rule>,
+}
+
+/// What matching needs between messages, kept to spare an allocation per message: make one
+/// with [`Rules::scratch`] per thread and reuse it.
+#[derive(Debug)]
+pub struct Scratch {
+    candidates: Candidates,
+    /// Capture positions, one per rule.
+    locs: Vec<CaptureLocations>,
+}
+
+/// A rule that matched a message, with where its captures are.
+#[derive(Debug, Clone, Copy)]
+pub struct Hit<'r, 'm> {
+    /// The rule.
+    pub rule: &'r Rule,
+    msg: &'m [u8],
+    locs: &'m CaptureLocations,
+}
+
+impl<'r, 'm> Hit<'r, 'm> {
+    fn value<'v>(&'v self, v: &'v LabelValue) -> Option<Cow<'v, str>> {
+        match v {
+            LabelValue::Fixed(s) => Some(Cow::Borrowed(s.as_str())),
+            LabelValue::Capture(i) => {
+                let (a, b) = self.locs.get(*i)?;
+                Some(String::from_utf8_lossy(self.msg.get(a..b)?))
+            }
+        }
+    }
+
+    /// The event's labels in name order: fixed labels, and the captures that took part in the
+    /// match (a fixed label wins over a capture of the same name).
+    pub fn labels(&self) -> impl Iterator<Item = (&str, Cow<'_, str>)> + '_ {
+        self.rule
+            .event_labels
+            .iter()
+            .filter_map(|(k, v)| Some((k.as_str(), self.value(v)?)))
+    }
+
+    /// One label's value, if the event has it.
+    pub fn label(&self, name: &str) -> Option<Cow<'_, str>> {
+        let (_, v) = self.rule.event_labels.iter().find(|(k, _)| k == name)?;
+        self.value(v)
+    }
 }
 
 /// One match: the rule and its labels (fixed ones first, then captures, each name once).
@@ -130,23 +190,28 @@ impl Rules {
                     });
                 }
             }
+            let mut event_labels: BTreeMap<String, LabelValue> = d
+                .labels
+                .iter()
+                .map(|(k, v)| (k.clone(), LabelValue::Fixed(v.clone())))
+                .collect();
+            for (i, name) in re.capture_names().enumerate() {
+                if let Some(name) = name {
+                    event_labels
+                        .entry(name.to_owned())
+                        .or_insert(LabelValue::Capture(i));
+                }
+            }
             rules.push(Rule {
                 name: d.name,
                 re,
                 labels: d.labels.into_iter().collect(),
+                event_labels: event_labels.into_iter().collect(),
                 metric_labels: d.metric_labels,
             });
         }
-        let set = RegexSetBuilder::new(rules.iter().map(|r| r.re.as_str()))
-            .unicode(false)
-            .size_limit(64 << 20)
-            .dfa_size_limit(64 << 20)
-            .build()
-            .map_err(|error| RulesError::Regex {
-                name: "(all rules together)".into(),
-                error,
-            })?;
-        Ok(Self { set, rules })
+        let prefilter = Prefilter::new(rules.iter().map(|r| r.re.as_str()));
+        Ok(Self { prefilter, rules })
     }
 
     /// The built-in default rules.
@@ -173,36 +238,71 @@ impl Rules {
         &self.rules
     }
 
-    /// Every rule that matches `msg`, in file order.
-    pub fn apply(&self, msg: &str) -> Vec<Match<'_>> {
-        let msg = msg.as_bytes();
-        if !self.set.is_match(msg) {
-            return Vec::new();
+    /// The rules the literal prefilter cannot leave out (no literal of three bytes or more is
+    /// required by every match, e.g. `\w+=\d+`): they run on every message, so they cost
+    /// far more than the others.
+    pub fn unfiltered(&self) -> impl Iterator<Item = &Rule> + '_ {
+        self.prefilter.always().filter_map(|i| self.rules.get(i))
+    }
+
+    /// State for [`Rules::for_each_match`], to reuse from one message to the next.
+    pub fn scratch(&self) -> Scratch {
+        Scratch {
+            candidates: self.prefilter.scratch(),
+            locs: self
+                .rules
+                .iter()
+                .map(|r| r.re.capture_locations())
+                .collect(),
         }
+    }
+
+    /// Calls `f` with every rule that matches `msg`, in file order. Allocates nothing.
+    pub fn for_each_match<'r>(
+        &'r self,
+        msg: &[u8],
+        scratch: &mut Scratch,
+        mut f: impl FnMut(Hit<'r, '_>),
+    ) {
+        self.prefilter.candidates(msg, &mut scratch.candidates);
+        for i in scratch.candidates.iter() {
+            let (Some(rule), Some(locs)) = (self.rules.get(i), scratch.locs.get_mut(i)) else {
+                continue;
+            };
+            if rule.re.captures_read(locs, msg).is_some() {
+                f(Hit { rule, msg, locs });
+            }
+        }
+    }
+
+    /// Every rule that matches `msg` with its regex alone, without the prefilter (the
+    /// reference the prefilter is tested against).
+    #[cfg(test)]
+    fn matching_without_prefilter(&self, msg: &[u8]) -> Vec<usize> {
+        (0..self.rules.len())
+            .filter(|&i| self.rules[i].re.is_match(msg))
+            .collect()
+    }
+
+    /// Every rule that matches `msg`, in file order, each with its fixed labels (in name order)
+    /// then its captures that took part (in pattern order).
+    pub fn apply(&self, msg: &str) -> Vec<Match<'_>> {
         let mut out = Vec::new();
-        for i in self.set.matches(msg).iter() {
-            let Some(rule) = self.rules.get(i) else {
-                continue;
-            };
-            let Some(caps) = rule.re.captures(msg) else {
-                continue;
-            };
+        let mut scratch = self.scratch();
+        self.for_each_match(msg.as_bytes(), &mut scratch, |h| {
+            let rule = h.rule;
             let mut labels = rule.labels.clone();
-            for (name, m) in rule
-                .re
-                .capture_names()
-                .zip(caps.iter())
-                .filter_map(|(n, m)| Some((n?, m?)))
-            {
-                if !labels.iter().any(|(k, _)| k == name) {
-                    labels.push((
-                        name.to_owned(),
-                        String::from_utf8_lossy(m.as_bytes()).into_owned(),
-                    ));
+            for (i, name) in rule.re.capture_names().enumerate() {
+                let Some(name) = name else { continue };
+                if labels.iter().any(|(k, _)| k == name) {
+                    continue;
+                }
+                if let Some(v) = h.value(&LabelValue::Capture(i)) {
+                    labels.push((name.to_owned(), v.into_owned()));
                 }
             }
             out.push(Match { rule, labels });
-        }
+        });
         out
     }
 }
@@ -310,5 +410,152 @@ mod tests {
         );
         assert!(Rules::parse("[[rule]]\nname = \"a\"\nregex = \"x\"\ncolour = 1\n").is_err());
         assert!(Rules::parse("").unwrap().is_empty());
+    }
+
+    /// The 50 rules of the grinder benchmark: the built-in ones and the bench's.
+    fn bench_rules() -> Rules {
+        Rules::parse(&format!(
+            "{DEFAULT_RULES}\n{}",
+            include_str!("../benches/rules-extra.toml")
+        ))
+        .unwrap()
+    }
+
+    /// The messages of the benchmark corpus (`shared/corpus/loghub/*.log` beside the workspace).
+    fn corpus() -> Vec<Vec<u8>> {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/corpus/loghub");
+        let mut files: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap_or_else(|e| panic!("corpus {}: {e}", dir.display()))
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|x| x == "log"))
+            .collect();
+        files.sort();
+        assert!(!files.is_empty(), "no *.log in {}", dir.display());
+        files
+            .iter()
+            .flat_map(|f| {
+                let text = std::fs::read(f).unwrap();
+                text.split(|&b| b == b'\n')
+                    .map(|l| l.strip_suffix(b"\r").unwrap_or(l).to_vec())
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    /// The rules `for_each_match` reports, by index.
+    fn prefiltered(r: &Rules, msg: &[u8], s: &mut Scratch) -> Vec<usize> {
+        let mut out = Vec::new();
+        r.for_each_match(msg, s, |h| {
+            out.extend(r.rules.iter().position(|x| std::ptr::eq(x, h.rule)));
+        });
+        out
+    }
+
+    #[test]
+    fn the_prefilter_changes_nothing_on_the_corpus() {
+        let r = bench_rules();
+        let mut s = r.scratch();
+        let (mut lines, mut matches) = (0, 0);
+        for msg in corpus() {
+            let want = r.matching_without_prefilter(&msg);
+            assert_eq!(
+                prefiltered(&r, &msg, &mut s),
+                want,
+                "{}",
+                String::from_utf8_lossy(&msg)
+            );
+            lines += 1;
+            matches += want.len();
+        }
+        // The corpus does exercise the rules.
+        assert!(
+            lines >= 8000 && matches > lines / 2,
+            "{lines} lines, {matches} matches"
+        );
+    }
+
+    #[test]
+    fn every_shipped_rule_has_literals() {
+        assert_eq!(bench_rules().unfiltered().count(), 0);
+        let r = Rules::parse("[[rule]]\nname = \"kv\"\nregex = '\\w+=\\d+'\n").unwrap();
+        let names: Vec<&str> = r.unfiltered().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["kv"]);
+        assert_eq!(r.apply("a=1").len(), 1);
+    }
+
+    /// Words of the corpus and of the rules' literals, and odd bytes: random messages made of
+    /// them often hold a literal (so the regexes run) and now and then match.
+    fn vocabulary() -> Vec<Vec<u8>> {
+        let r = bench_rules();
+        let mut v: Vec<Vec<u8>> = r
+            .prefilter
+            .describe()
+            .iter()
+            .flatten()
+            .flatten()
+            .cloned()
+            .collect();
+        for msg in corpus().iter().step_by(7) {
+            v.extend(msg.split(|&b| b == b' ').map(<[u8]>::to_vec));
+        }
+        for odd in [
+            "[",
+            "]",
+            "(",
+            ")",
+            ":",
+            "=",
+            "'",
+            "\"",
+            "#1",
+            "12345",
+            "0x1f",
+            "10.0.0.1",
+            "aa:bb:cc:dd:ee:ff",
+            "\t",
+            "\u{e9}",
+            "\u{263a}",
+            "eth0",
+            "wlan0",
+            "port 22",
+        ] {
+            v.push(odd.as_bytes().to_vec());
+        }
+        v.sort();
+        v.dedup();
+        v
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn the_prefilter_changes_nothing_on_random_messages(
+            parts in proptest::collection::vec((0..1usize << 20, 0..4u8, 0..5usize), 0..24)
+        ) {
+            thread_local! {
+                static FIXTURE: (Rules, Vec<Vec<u8>>) = (bench_rules(), vocabulary());
+            }
+            FIXTURE.with(|(r, vocab)| {
+                let mut msg = Vec::new();
+                for (word, case, sep) in parts {
+                    let mut w = vocab[word % vocab.len()].clone();
+                    match case {
+                        1 => w.make_ascii_uppercase(),
+                        2 => w.make_ascii_lowercase(),
+                        _ => {}
+                    }
+                    msg.extend_from_slice(&w);
+                    msg.extend_from_slice([&b" "[..], b"", b": ", b", ", b"="][sep]);
+                }
+                let mut s = r.scratch();
+                proptest::prop_assert_eq!(
+                    prefiltered(r, &msg, &mut s),
+                    r.matching_without_prefilter(&msg),
+                    "{}",
+                    String::from_utf8_lossy(&msg)
+                );
+                Ok(())
+            })?;
+        }
     }
 }

@@ -1,0 +1,337 @@
+//! The rules' literal prefilter: which rules can possibly match a message, from one
+//! Aho-Corasick pass over it.
+//!
+//! For every rule we derive a set of *required literals*: byte strings of which every match of
+//! the rule contains at least one. One Aho-Corasick automaton holds the literals of all rules
+//! (ASCII case folded, so a `(?i)` rule needs a handful of literals rather than every case
+//! variant); a pass over a message marks the rules one of whose literals occurs, and only those
+//! run their regex. A rule for which no selective set is found (say `\w+=\d+`) runs on every
+//! message. The prefilter only ever says "maybe": a rule it marks may still not match, and a
+//! rule it does not mark cannot match, which is what keeps the result identical to running
+//! every rule (a unit test compares the two on the corpus and on random messages).
+//!
+//! How a set is derived ([`required`]): a literal requires itself; an alternation requires one
+//! of its branches' sets; a repetition of at least one, or a capture group, requires what its
+//! part requires; a concatenation requires what any one of its parts requires, or a prefix of
+//! any of its tails (found by `regex-syntax`'s literal extractor, which also expands small
+//! classes such as `[Ll]`). Of the candidate sets of a concatenation the most selective wins:
+//! the longest shortest literal, then the fewest literals.
+use aho_corasick::{AhoCorasick, AhoCorasickKind, MatchKind};
+use regex_syntax::hir::literal::{ExtractKind, Extractor};
+use regex_syntax::hir::{Hir, HirKind};
+
+/// A literal shorter than this is too common to be worth its matches: the rule runs always.
+const MIN_LITERAL: usize = 3;
+/// More literals than this for one rule: the rule runs always.
+const MAX_LITERALS: usize = 64;
+
+/// A set of literals at least one of which occurs in every match: lowercased, sorted, distinct.
+type Set = Vec<Vec<u8>>;
+
+/// Shorter literals first would make a set less selective: the score to maximise.
+fn score(s: &Set) -> (usize, std::cmp::Reverse<usize>) {
+    let min = s.iter().map(Vec::len).min().unwrap_or(0);
+    // Beyond 6 bytes a longer literal hardly matches less often, and fewer literals keep the
+    // automaton small.
+    (min.min(6), std::cmp::Reverse(s.len()))
+}
+
+fn best(a: Option<Set>, b: Option<Set>) -> Option<Set> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(if score(&b) > score(&a) { b } else { a }),
+        (a, b) => a.or(b),
+    }
+}
+
+/// Folds ASCII case, sorts, drops duplicates; `None` when the set cannot pay for itself (an
+/// empty literal matches everywhere).
+fn normalise(lits: impl IntoIterator<Item = Vec<u8>>) -> Option<Set> {
+    let mut s: Set = lits
+        .into_iter()
+        .map(|mut l| {
+            l.make_ascii_lowercase();
+            l
+        })
+        .collect();
+    s.sort();
+    s.dedup();
+    let usable =
+        !s.is_empty() && s.len() <= MAX_LITERALS && s.iter().all(|l| l.len() >= MIN_LITERAL);
+    usable.then_some(s)
+}
+
+/// The prefixes every match of `hir` starts with, if finitely many.
+fn prefixes(hir: &Hir) -> Option<Set> {
+    let seq = Extractor::new().kind(ExtractKind::Prefix).extract(hir);
+    normalise(seq.literals()?.iter().map(|l| l.as_bytes().to_vec()))
+}
+
+/// A set of literals one of which occurs in every match of `hir`, if one worth having is found.
+fn required(hir: &Hir) -> Option<Set> {
+    match hir.kind() {
+        HirKind::Empty | HirKind::Look(_) => None,
+        HirKind::Literal(_) | HirKind::Class(_) => prefixes(hir),
+        HirKind::Capture(c) => required(&c.sub),
+        HirKind::Repetition(r) if r.min >= 1 => best(required(&r.sub), prefixes(hir)),
+        HirKind::Repetition(_) => None,
+        HirKind::Alternation(alts) => {
+            let union: Option<Vec<Set>> = alts.iter().map(required).collect();
+            best(union.and_then(|u| normalise(u.concat())), prefixes(hir))
+        }
+        HirKind::Concat(parts) => {
+            let mut found = None;
+            for (i, p) in parts.iter().enumerate() {
+                found = best(found, required(p));
+                found = best(found, prefixes(&Hir::concat(parts[i..].to_vec())));
+            }
+            found
+        }
+    }
+}
+
+/// Parses `pattern` as `regex::bytes` with ASCII classes does (the rules' settings) and finds
+/// its required literals.
+fn required_of(pattern: &str) -> Option<Set> {
+    let hir = regex_syntax::ParserBuilder::new()
+        .unicode(false)
+        .utf8(false)
+        .build()
+        .parse(pattern)
+        .ok()?;
+    required(&hir)
+}
+
+/// The compiled prefilter for a list of patterns.
+#[derive(Debug)]
+pub(crate) struct Prefilter {
+    /// Every rule's literals; `None` when no rule has any.
+    ac: Option<AhoCorasick>,
+    /// For each literal (the automaton's pattern id), the rules it stands for: a range of
+    /// `targets`.
+    pattern_rules: Vec<(u32, u32)>,
+    targets: Vec<u32>,
+    /// Rules without literals: candidates for every message.
+    always: Vec<u32>,
+    /// Number of rules.
+    rules: usize,
+    /// Each rule's literals, as found.
+    #[cfg(test)]
+    sets: Vec<Option<Set>>,
+}
+
+/// Which rules may match one message: a bit per rule.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Candidates {
+    words: Vec<u64>,
+}
+
+impl Candidates {
+    fn set(&mut self, i: u32) {
+        let (w, b) = ((i / 64) as usize, i % 64);
+        if let Some(word) = self.words.get_mut(w) {
+            *word |= 1 << b;
+        }
+    }
+
+    /// The rules marked, in ascending order.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = usize> + '_ {
+        self.words.iter().enumerate().flat_map(|(w, &word)| {
+            let mut rest = word;
+            std::iter::from_fn(move || {
+                (rest != 0).then(|| {
+                    let b = rest.trailing_zeros() as usize;
+                    rest &= rest - 1;
+                    w * 64 + b
+                })
+            })
+        })
+    }
+}
+
+impl Prefilter {
+    /// Derives every pattern's literals. Patterns that do not parse (the caller compiled them
+    /// already, so they do) or have no selective literals run on every message.
+    pub(crate) fn new<'p>(patterns: impl IntoIterator<Item = &'p str>) -> Self {
+        let mut by_literal: std::collections::BTreeMap<Vec<u8>, Vec<u32>> = Default::default();
+        let mut always = Vec::new();
+        let sets: Vec<Option<Set>> = patterns.into_iter().map(required_of).collect();
+        let rules = sets.len();
+        for (i, set) in sets.iter().enumerate() {
+            let i = i as u32;
+            match set {
+                Some(set) => {
+                    for l in set {
+                        by_literal.entry(l.clone()).or_default().push(i);
+                    }
+                }
+                None => always.push(i),
+            }
+        }
+        let mut pattern_rules = Vec::with_capacity(by_literal.len());
+        let mut targets = Vec::new();
+        for rs in by_literal.values() {
+            let start = targets.len() as u32;
+            targets.extend_from_slice(rs);
+            pattern_rules.push((start, targets.len() as u32));
+        }
+        let ac = AhoCorasick::builder()
+            .match_kind(MatchKind::Standard)
+            .ascii_case_insensitive(true)
+            .kind(Some(AhoCorasickKind::DFA))
+            .build(by_literal.keys())
+            .ok();
+        let ac = match ac {
+            Some(ac) if !by_literal.is_empty() => Some(ac),
+            // The automaton cannot be built (too large): every rule runs.
+            _ => {
+                always = (0..rules as u32).collect();
+                None
+            }
+        };
+        Self {
+            ac,
+            pattern_rules,
+            targets,
+            always,
+            rules,
+            #[cfg(test)]
+            sets,
+        }
+    }
+
+    /// An empty candidate set to reuse with [`Prefilter::candidates`].
+    pub(crate) fn scratch(&self) -> Candidates {
+        Candidates {
+            words: vec![0; self.rules.div_ceil(64)],
+        }
+    }
+
+    /// Marks in `c` the rules that may match `msg` (and clears the rest).
+    pub(crate) fn candidates(&self, msg: &[u8], c: &mut Candidates) {
+        c.words.iter_mut().for_each(|w| *w = 0);
+        for &i in &self.always {
+            c.set(i);
+        }
+        let Some(ac) = &self.ac else {
+            return;
+        };
+        for m in ac.find_overlapping_iter(msg) {
+            if let Some(&(a, b)) = self.pattern_rules.get(m.pattern().as_usize())
+                && let Some(rs) = self.targets.get(a as usize..b as usize)
+            {
+                for &r in rs {
+                    c.set(r);
+                }
+            }
+        }
+    }
+
+    /// The rules without literals (they run on every message), by index.
+    pub(crate) fn always(&self) -> impl Iterator<Item = usize> + '_ {
+        self.always.iter().map(|&i| i as usize)
+    }
+
+    /// For each rule, its literals (lowercased), or `None` when it runs on every message.
+    #[cfg(test)]
+    pub(crate) fn describe(&self) -> &[Option<Set>] {
+        &self.sets
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn lits(p: &str) -> Option<Vec<String>> {
+        required_of(p).map(|s| {
+            s.into_iter()
+                .map(|l| String::from_utf8_lossy(&l).into_owned())
+                .collect()
+        })
+    }
+
+    #[test]
+    fn finds_required_literals_inside_patterns() {
+        assert_eq!(lits("abc"), Some(vec!["abc".into()]));
+        assert_eq!(
+            lits(r"(?P<p>\S+) invoked oom-killer"),
+            Some(vec![" invoked oom-killer".into()])
+        );
+        assert_eq!(
+            lits(r"(?:Foo bar|baz qux) (\d+)"),
+            Some(vec!["baz qux".into(), "foo bar".into()])
+        );
+        // Case variants fold into one literal.
+        assert_eq!(lits(r"(?i)thermal"), Some(vec!["thermal".into()]));
+        assert_eq!(lits(r"[Ll]ink is"), Some(vec!["link is".into()]));
+        // Nothing selective: runs always.
+        assert_eq!(lits(r"\w+=\d+"), None);
+        assert_eq!(lits(r"a|bcd"), None);
+        assert_eq!(lits(r"(?:abc)?\d+"), None);
+        assert_eq!(lits(""), None);
+    }
+
+    fn pattern() -> impl Strategy<Value = String> {
+        let leaf = prop_oneof![
+            proptest::sample::select(vec![
+                "ab", "abc", "bca", "Link", "up", "ERR", "err:", "x", "(", "\u{e9}"
+            ])
+            .prop_map(regex_syntax::escape),
+            proptest::sample::select(vec![
+                r"\d", r"\w", ".", r"\b", "^", "$", "[a-c]", r"\s", "[Ll]", "[^a]"
+            ])
+            .prop_map(str::to_owned),
+        ];
+        leaf.prop_recursive(4, 24, 4, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 1..4).prop_map(|v| v.concat()),
+                proptest::collection::vec(inner.clone(), 2..4)
+                    .prop_map(|v| format!("(?:{})", v.join("|"))),
+                inner.clone().prop_map(|p| format!("(?:{p})?")),
+                inner.clone().prop_map(|p| format!("(?:{p})*")),
+                inner.clone().prop_map(|p| format!("(?:{p})+")),
+                inner.clone().prop_map(|p| format!("(?:{p}){{2,3}}")),
+                inner.clone().prop_map(|p| format!("(?i:{p})")),
+                inner.prop_map(|p| format!("({p})")),
+            ]
+        })
+    }
+
+    fn haystack() -> impl Strategy<Value = Vec<u8>> {
+        proptest::collection::vec(
+            proptest::sample::select(vec![
+                "ab", "c", "a", "b", "Link", "LINK", "lInK", "up", "UP", "err:", "ERR", "x", "(",
+                "\u{e9}", " ", "1", "bca", "aBc", "\n",
+            ]),
+            0..12,
+        )
+        .prop_map(|v| v.concat().into_bytes())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+        /// Whenever a pattern matches, the prefilter names it.
+        #[test]
+        fn a_rule_that_matches_is_always_a_candidate(
+            p in pattern(),
+            hs in proptest::collection::vec(haystack(), 16),
+        ) {
+            let Ok(re) = regex::bytes::RegexBuilder::new(&p).unicode(false).build() else {
+                return Ok(());
+            };
+            let pf = Prefilter::new([p.as_str()]);
+            let mut c = pf.scratch();
+            for h in hs {
+                pf.candidates(&h, &mut c);
+                let named = c.iter().any(|i| i == 0);
+                prop_assert!(
+                    named || !re.is_match(&h),
+                    "{p:?} matches {:?} but literals {:?} do not",
+                    String::from_utf8_lossy(&h),
+                    pf.describe()
+                );
+            }
+        }
+    }
+}
