@@ -196,34 +196,40 @@ pub fn grind_chunk(c: &Decoded, rules: &Rules) -> GroundChunk {
     shared.extend_from_slice(b"\",\"boot\":\"");
     json_str(&mut shared, g.boot.as_bytes());
     shared.extend_from_slice(b"\",\"seq\":");
-    let mut scratch = rules.scratch();
+    let mut fields = Vec::with_capacity(c.header.record_count as usize);
     for text in c.lines() {
-        let Some(f) = scan::scan(text) else {
-            g.bad_lines += 1;
-            continue;
-        };
-        g.seqs.push(f.seq);
-        let wall_us = c.header.sync.wall_of(f.mono_us);
-        let (ndjson, events) = (&mut g.ndjson, &mut g.events);
-        rules.for_each_match(f.msg.as_bytes(), &mut scratch, |h| {
-            let start = ndjson.len();
-            write_event(ndjson, &h, &shared, f.seq, wall_us, f.level, &f.msg);
-            let rule = h.rule;
-            let series = (
-                rule.name.clone(),
-                rule.metric_labels
-                    .iter()
-                    .map(|k| (k.clone(), h.label(k).unwrap_or_default().into_owned()))
-                    .collect(),
-            );
-            events.push(EventMeta {
-                seq: f.seq,
-                wall_us,
-                line: start..ndjson.len(),
-                series,
-            });
-        });
+        match scan::scan(text) {
+            Some(f) => {
+                g.seqs.push(f.seq);
+                fields.push(f);
+            }
+            None => g.bad_lines += 1,
+        }
     }
+    let msgs: Vec<&[u8]> = fields.iter().map(|f| f.msg.as_bytes()).collect();
+    let (ndjson, events) = (&mut g.ndjson, &mut g.events);
+    rules.for_each_match(&msgs, &mut rules.scratch(), |i, h| {
+        let Some(f) = fields.get(i) else {
+            return;
+        };
+        let wall_us = c.header.sync.wall_of(f.mono_us);
+        let start = ndjson.len();
+        write_event(ndjson, &h, &shared, f.seq, wall_us, f.level, &f.msg);
+        let rule = h.rule;
+        let series = (
+            rule.name.clone(),
+            rule.metric_labels
+                .iter()
+                .map(|k| (k.clone(), h.label(k).unwrap_or_default().into_owned()))
+                .collect(),
+        );
+        events.push(EventMeta {
+            seq: f.seq,
+            wall_us,
+            line: start..ndjson.len(),
+            series,
+        });
+    });
     g
 }
 
