@@ -208,7 +208,7 @@ pub fn grind_chunk(c: &Decoded, rules: &Rules) -> GroundChunk {
     }
     let msgs: Vec<&[u8]> = fields.iter().map(|f| f.msg.as_bytes()).collect();
     let (ndjson, events) = (&mut g.ndjson, &mut g.events);
-    rules.for_each_match(&msgs, &mut rules.scratch(), |i, h| {
+    rules.for_each_match(&msgs, |i, h| {
         let Some(f) = fields.get(i) else {
             return;
         };

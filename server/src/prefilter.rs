@@ -74,9 +74,14 @@ fn normalise(lits: impl IntoIterator<Item = Vec<u8>>) -> Option<Set> {
     usable.then_some(s)
 }
 
-/// The prefixes every match of `hir` starts with, if finitely many.
+/// The prefixes every match of `hir` starts with, if finitely many. Classes of two bytes (case
+/// pairs such as `[Ll]`, which folding makes one) are expanded; larger ones (`\d`) end a
+/// prefix rather than multiply it.
 fn prefixes(hir: &Hir) -> Option<Set> {
-    let seq = Extractor::new().kind(ExtractKind::Prefix).extract(hir);
+    let seq = Extractor::new()
+        .kind(ExtractKind::Prefix)
+        .limit_class(2)
+        .extract(hir);
     normalise(seq.literals()?.iter().map(|l| l.as_bytes().to_vec()))
 }
 
@@ -103,16 +108,43 @@ fn required(hir: &Hir) -> Option<Set> {
     }
 }
 
+/// A prefix set at least this selective ([`score`]) is used, and the rule is searched anchored
+/// where its literals start, even if an inner set would filter a little better: 4 bytes with
+/// one literal, 5 bytes with up to 16.
+const ANCHOR_SCORE: usize = 16;
+
+/// A pattern's literals, and whether every match *starts* with one of them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Literals {
+    set: Set,
+    prefix: bool,
+}
+
+impl Literals {
+    /// The literals, lowercased.
+    #[cfg(test)]
+    pub(crate) fn set(&self) -> &[Vec<u8>] {
+        &self.set
+    }
+}
+
 /// Parses `pattern` as `regex::bytes` with ASCII classes does (the rules' settings) and finds
-/// its required literals.
-fn required_of(pattern: &str) -> Option<Set> {
+/// its required literals: the prefixes of every match when there are good ones, else the best
+/// set found inside.
+fn literals_of(pattern: &str) -> Option<Literals> {
     let hir = regex_syntax::ParserBuilder::new()
         .unicode(false)
         .utf8(false)
         .build()
         .parse(pattern)
         .ok()?;
-    required(&hir)
+    match prefixes(&hir).filter(|p| score(p).0 >= ANCHOR_SCORE) {
+        Some(set) => Some(Literals { set, prefix: true }),
+        None => Some(Literals {
+            set: required(&hir)?,
+            prefix: false,
+        }),
+    }
 }
 
 /// The compiled prefilter for a list of patterns.
@@ -126,11 +158,13 @@ pub(crate) struct Prefilter {
     targets: Vec<u32>,
     /// Rules without literals: candidates for every message.
     always: Vec<u32>,
+    /// Rules every match of which starts with one of their literals, by rule.
+    anchored: Vec<bool>,
     /// Number of rules.
     rules: usize,
     /// Each rule's literals, as found.
     #[cfg(test)]
-    sets: Vec<Option<Set>>,
+    sets: Vec<Option<Literals>>,
 }
 
 /// One walk of [`Prefilter::candidates`]: the message, what is left of it, the state.
@@ -141,12 +175,15 @@ struct Lane<'m> {
     sid: StateID,
 }
 
-/// Which rules may match each message of a batch: a bit per rule and message.
+/// Which rules may match each message of a batch: a bit per rule and message, and for rules
+/// whose matches start with a literal, where such a literal starts.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Candidates {
     /// `per` words for each message, one after the other.
     words: Vec<u64>,
     per: usize,
+    /// (message, rule, start), sorted, distinct.
+    starts: Vec<(usize, usize, usize)>,
 }
 
 impl Candidates {
@@ -174,6 +211,21 @@ impl Candidates {
             })
         })
     }
+
+    /// Where, in message `msg`, a literal of anchored rule `rule` starts: ascending.
+    pub(crate) fn starts(&self, msg: usize, rule: usize) -> impl Iterator<Item = usize> + '_ {
+        let from = self
+            .starts
+            .partition_point(|&(m, r, _)| (m, r) < (msg, rule));
+        let to = self
+            .starts
+            .partition_point(|&(m, r, _)| (m, r) <= (msg, rule));
+        self.starts
+            .get(from..to)
+            .unwrap_or_default()
+            .iter()
+            .map(|&(_, _, s)| s)
+    }
 }
 
 impl Prefilter {
@@ -182,13 +234,17 @@ impl Prefilter {
     pub(crate) fn new<'p>(patterns: impl IntoIterator<Item = &'p str>) -> Self {
         let mut by_literal: std::collections::BTreeMap<Vec<u8>, Vec<u32>> = Default::default();
         let mut always = Vec::new();
-        let sets: Vec<Option<Set>> = patterns.into_iter().map(required_of).collect();
+        let sets: Vec<Option<Literals>> = patterns.into_iter().map(literals_of).collect();
         let rules = sets.len();
-        for (i, set) in sets.iter().enumerate() {
+        let mut anchored = vec![false; rules];
+        for (i, lits) in sets.iter().enumerate() {
             let i = i as u32;
-            match set {
-                Some(set) => {
-                    for l in set {
+            match lits {
+                Some(lits) => {
+                    if let Some(a) = anchored.get_mut(i as usize) {
+                        *a = lits.prefix;
+                    }
+                    for l in &lits.set {
                         let cut = &l[..l.len().min(MAX_LEN)];
                         let rules = by_literal.entry(cut.to_vec()).or_default();
                         if !rules.contains(&i) {
@@ -215,9 +271,10 @@ impl Prefilter {
             .ok();
         let dfa = match dfa {
             Some(dfa) if !by_literal.is_empty() => Some(dfa),
-            // The automaton cannot be built (too large): every rule runs.
+            // The automaton cannot be built (too large): every rule runs, unanchored.
             _ => {
                 always = (0..rules as u32).collect();
+                anchored = vec![false; rules];
                 None
             }
         };
@@ -226,6 +283,7 @@ impl Prefilter {
             pattern_rules,
             targets,
             always,
+            anchored,
             rules,
             #[cfg(test)]
             sets,
@@ -237,6 +295,7 @@ impl Prefilter {
         Candidates {
             words: Vec::new(),
             per: self.rules.div_ceil(64),
+            starts: Vec::new(),
         }
     }
 
@@ -244,6 +303,7 @@ impl Prefilter {
     pub(crate) fn candidates(&self, msgs: &[&[u8]], c: &mut Candidates) {
         c.words.clear();
         c.words.resize(msgs.len() * c.per, 0);
+        c.starts.clear();
         if !self.always.is_empty() {
             for m in 0..msgs.len() {
                 for &i in &self.always {
@@ -274,9 +334,16 @@ impl Prefilter {
                 | self.step(dfa, start, msgs, &mut next, &mut d, c)
                 | self.step(dfa, start, msgs, &mut next, &mut e, c);
             if !busy {
-                return;
+                break;
             }
         }
+        c.starts.sort_unstable();
+        c.starts.dedup();
+    }
+
+    /// Does rule `i` search anchored at its literals' starts ([`Candidates::starts`])?
+    pub(crate) fn anchored(&self, i: usize) -> bool {
+        self.anchored.get(i).copied().unwrap_or(false)
     }
 
     /// One byte of one lane, or the lane takes the next message. False when it is idle.
@@ -294,7 +361,9 @@ impl Prefilter {
             lane.sid = dfa.next_state(Anchored::No, lane.sid, byte);
             lane.rest = tail;
             if dfa.is_special(lane.sid) {
-                self.mark(dfa, lane.sid, lane.msg, c);
+                let len = msgs.get(lane.msg).map_or(0, |m| m.len());
+                let end = len.saturating_sub(lane.rest.len());
+                self.mark(dfa, lane.sid, lane.msg, end, c);
             }
             true
         } else if let Some(msg) = msgs.get(*next) {
@@ -310,8 +379,8 @@ impl Prefilter {
         }
     }
 
-    /// Marks for message `m` the rules of every literal that ends in match state `s`.
-    fn mark(&self, dfa: &DFA, s: StateID, m: usize, c: &mut Candidates) {
+    /// Marks for message `m` the rules of every literal that ends in match state `s`, at `end`.
+    fn mark(&self, dfa: &DFA, s: StateID, m: usize, end: usize, c: &mut Candidates) {
         if !dfa.is_match(s) {
             return;
         }
@@ -322,6 +391,10 @@ impl Prefilter {
             {
                 for &r in rs {
                     c.set(m, r);
+                    if self.anchored(r as usize) {
+                        let start = end.saturating_sub(dfa.pattern_len(p));
+                        c.starts.push((m, r as usize, start));
+                    }
                 }
             }
         }
@@ -334,38 +407,55 @@ impl Prefilter {
 
     /// For each rule, its literals (lowercased), or `None` when it runs on every message.
     #[cfg(test)]
-    pub(crate) fn describe(&self) -> &[Option<Set>] {
+    pub(crate) fn describe(&self) -> &[Option<Literals>] {
         &self.sets
     }
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn lits(p: &str) -> Option<Vec<String>> {
-        required_of(p).map(|s| {
-            s.into_iter()
-                .map(|l| String::from_utf8_lossy(&l).into_owned())
-                .collect()
+    /// The literals found (as text) and whether they are prefixes of every match.
+    fn lits(p: &str) -> Option<(Vec<String>, bool)> {
+        literals_of(p).map(|l| {
+            let set = l.set.into_iter();
+            (
+                set.map(|l| String::from_utf8_lossy(&l).into_owned())
+                    .collect(),
+                l.prefix,
+            )
         })
+    }
+
+    fn strings(s: &[&str]) -> Vec<String> {
+        s.iter().map(|s| s.to_string()).collect()
     }
 
     #[test]
     fn finds_required_literals_inside_patterns() {
-        assert_eq!(lits("abc"), Some(vec!["abc".into()]));
+        assert_eq!(lits("abcd"), Some((strings(&["abcd"]), true)));
         assert_eq!(
             lits(r"(?P<p>\S+) invoked oom-killer"),
-            Some(vec![" invoked oom-killer".into()])
+            Some((strings(&[" invoked oom-killer"]), false))
         );
         assert_eq!(
             lits(r"(?:Foo bar|baz qux) (\d+)"),
-            Some(vec!["baz qux".into(), "foo bar".into()])
+            Some((strings(&["baz qux ", "foo bar "]), true))
+        );
+        assert_eq!(
+            lits(r"\d+ (?:Foo bar|baz qux)"),
+            Some((strings(&[" baz qux", " foo bar"]), false))
         );
         // Case variants fold into one literal.
-        assert_eq!(lits(r"(?i)thermal"), Some(vec!["thermal".into()]));
-        assert_eq!(lits(r"[Ll]ink is"), Some(vec!["link is".into()]));
+        assert_eq!(lits(r"(?i)thermal"), Some((strings(&["thermal"]), true)));
+        assert_eq!(lits(r"\b[Ll]ink is"), Some((strings(&["link is"]), true)));
+        // A short prefix: the longer literal inside, unanchored.
+        assert_eq!(
+            lits(r"ab\d+ reboot: now"),
+            Some((strings(&[" reboot: now"]), false))
+        );
         // Nothing selective: runs always.
         assert_eq!(lits(r"\w+=\d+"), None);
         assert_eq!(lits(r"a|bcd"), None);
@@ -373,7 +463,9 @@ mod tests {
         assert_eq!(lits(""), None);
     }
 
-    fn pattern() -> impl Strategy<Value = String> {
+    /// Random patterns: literals (some longer than the cut), classes, anchors, word
+    /// boundaries, alternations, repetitions, `(?i)`, groups.
+    pub(crate) fn pattern() -> impl Strategy<Value = String> {
         let leaf = prop_oneof![
             proptest::sample::select(vec![
                 "ab",
@@ -409,7 +501,8 @@ mod tests {
         })
     }
 
-    fn haystack() -> impl Strategy<Value = Vec<u8>> {
+    /// Random messages made of pieces of [`pattern`]'s literals, in several cases.
+    pub(crate) fn haystack() -> impl Strategy<Value = Vec<u8>> {
         proptest::collection::vec(
             proptest::sample::select(vec![
                 "ab",

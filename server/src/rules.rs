@@ -12,8 +12,11 @@
 //! in the match. Matching is two-step: a literal prefilter (one Aho-Corasick pass over the
 //! message for the literals every rule requires, see [`crate::prefilter`]) says which rules can
 //! match at all (most messages leave most rules out), then only those run their regex, with
-//! captures. Patterns use Rust's `regex` syntax (no look-around, no backreferences), which
-//! guarantees time linear in the message length whatever the rule.
+//! captures; a rule whose every match starts with one of its literals is searched anchored
+//! where the prefilter saw one ([`Rules::for_each_match`]). Patterns use Rust's `regex`
+//! syntax (no look-around, no backreferences), which guarantees time linear in the message
+//! length whatever the rule; they are compiled by `regex-automata`, the regex crate's engine,
+//! with the regex crate's settings (and checked by the regex crate, for its error messages).
 //!
 //! Classes are ASCII by default: `\w`, `\d`, `\s`, `\b` and `(?i)` work on ASCII and `.` or
 //! `\S` match any byte, which is what log lines need and keeps each rule's automaton small
@@ -21,8 +24,13 @@
 //! `(?u:\w)` for a Unicode class.
 use std::borrow::Cow;
 use std::collections::BTreeMap;
+use std::panic::{RefUnwindSafe, UnwindSafe};
 
-use regex::bytes::{CaptureLocations, Regex, RegexBuilder};
+use regex::bytes::RegexBuilder;
+use regex_automata::util::captures::Captures;
+use regex_automata::util::pool::{Pool, PoolGuard};
+use regex_automata::util::syntax;
+use regex_automata::{Anchored, Input, PatternID, meta};
 use serde::Deserialize;
 
 use crate::prefilter::{Candidates, Prefilter};
@@ -66,6 +74,15 @@ pub enum RulesError {
     /// and a column value; kept simple on purpose).
     #[error("rule name {0:?}: use letters, digits and _")]
     Name(String),
+    /// A regex that compiled for the check above but not for matching. Cannot happen in
+    /// practice (both use the same settings); reported rather than assumed.
+    #[error("rule {name:?}: {error}")]
+    Engine {
+        /// The rule.
+        name: String,
+        /// Why.
+        error: Box<meta::BuildError>,
+    },
     /// A metric label that is neither a fixed label nor a capture of the rule.
     #[error("rule {name:?}: metric label {label:?} is neither a label nor a capture group")]
     MetricLabel {
@@ -89,7 +106,11 @@ enum LabelValue {
 pub struct Rule {
     /// Event name.
     pub name: String,
-    re: Regex,
+    /// The pattern as written.
+    pattern: String,
+    /// The regex: `regex::bytes::Regex` with ASCII classes, built as the regex crate builds it,
+    /// but through `regex-automata`, which can also search anchored at a position.
+    re: meta::Regex,
     /// Fixed labels, by name.
     labels: Vec<(String, String)>,
     /// The event's labels by name: the fixed ones, and the captures no fixed label shadows.
@@ -98,20 +119,41 @@ pub struct Rule {
     pub metric_labels: Vec<String>,
 }
 
+/// Builds `pattern` as `regex::bytes::RegexBuilder::new(pattern).unicode(false)` does (same
+/// limits, same semantics) as a `regex-automata` meta regex.
+fn meta_regex(pattern: &str) -> Result<meta::Regex, Box<meta::BuildError>> {
+    meta::Builder::new()
+        .configure(
+            meta::Config::new()
+                .nfa_size_limit(Some(10 << 20))
+                .hybrid_cache_capacity(2 << 20)
+                .match_kind(regex_automata::MatchKind::LeftmostFirst)
+                .utf8_empty(false),
+        )
+        .syntax(syntax::Config::new().unicode(false).utf8(false))
+        .build(pattern)
+        .map_err(Box::new)
+}
+
+type ScratchFn = Box<dyn Fn() -> Scratch + Send + Sync + UnwindSafe + RefUnwindSafe>;
+
 /// A compiled rules file.
 #[derive(Debug)]
 pub struct Rules {
     prefilter: Prefilter,
     rules: Vec<Rule>,
+    /// Matching state, one per thread that matches, kept warm between batches (the regexes'
+    /// lazy DFAs build their states as they go).
+    scratch: Pool<Scratch, ScratchFn>,
 }
 
-/// What matching needs besides the rules (candidate bits, capture positions), kept to spare
-/// allocations per message: make one with [`Rules::scratch`] per thread and reuse it.
+/// What matching needs besides the rules: candidate bits, and each rule's regex cache and
+/// capture slots.
 #[derive(Debug)]
-pub struct Scratch {
+struct Scratch {
     candidates: Candidates,
-    /// Capture positions, one per rule.
-    locs: Vec<CaptureLocations>,
+    caches: Vec<meta::Cache>,
+    caps: Vec<Captures>,
 }
 
 /// A rule that matched a message, with where its captures are.
@@ -120,7 +162,7 @@ pub struct Hit<'r, 'm> {
     /// The rule.
     pub rule: &'r Rule,
     msg: &'m [u8],
-    locs: &'m CaptureLocations,
+    caps: &'m Captures,
 }
 
 impl<'r, 'm> Hit<'r, 'm> {
@@ -128,8 +170,8 @@ impl<'r, 'm> Hit<'r, 'm> {
         match v {
             LabelValue::Fixed(s) => Some(Cow::Borrowed(s.as_str())),
             LabelValue::Capture(i) => {
-                let (a, b) = self.locs.get(*i)?;
-                Some(String::from_utf8_lossy(self.msg.get(a..b)?))
+                let span = self.caps.get_group(*i)?;
+                Some(String::from_utf8_lossy(self.msg.get(span.range())?))
             }
         }
     }
@@ -175,15 +217,20 @@ impl Rules {
             if !valid_name(&d.name) {
                 return Err(RulesError::Name(d.name));
             }
-            let re = RegexBuilder::new(&d.regex)
+            // The regex crate's errors say best what is wrong with a pattern.
+            let checked = RegexBuilder::new(&d.regex)
                 .unicode(false)
                 .build()
                 .map_err(|error| RulesError::Regex {
                     name: d.name.clone(),
                     error,
                 })?;
+            let re = meta_regex(&d.regex).map_err(|error| RulesError::Engine {
+                name: d.name.clone(),
+                error,
+            })?;
             for l in &d.metric_labels {
-                if !d.labels.contains_key(l) && !re.capture_names().flatten().any(|c| c == l) {
+                if !d.labels.contains_key(l) && !checked.capture_names().flatten().any(|c| c == l) {
                     return Err(RulesError::MetricLabel {
                         name: d.name,
                         label: l.clone(),
@@ -195,7 +242,7 @@ impl Rules {
                 .iter()
                 .map(|(k, v)| (k.clone(), LabelValue::Fixed(v.clone())))
                 .collect();
-            for (i, name) in re.capture_names().enumerate() {
+            for (i, name) in checked.capture_names().enumerate() {
                 if let Some(name) = name {
                     event_labels
                         .entry(name.to_owned())
@@ -204,14 +251,26 @@ impl Rules {
             }
             rules.push(Rule {
                 name: d.name,
+                pattern: d.regex,
                 re,
                 labels: d.labels.into_iter().collect(),
                 event_labels: event_labels.into_iter().collect(),
                 metric_labels: d.metric_labels,
             });
         }
-        let prefilter = Prefilter::new(rules.iter().map(|r| r.re.as_str()));
-        Ok(Self { prefilter, rules })
+        let prefilter = Prefilter::new(rules.iter().map(|r| r.pattern.as_str()));
+        let fresh = prefilter.scratch();
+        let regexes: Vec<meta::Regex> = rules.iter().map(|r| r.re.clone()).collect();
+        let scratch: ScratchFn = Box::new(move || Scratch {
+            candidates: fresh.clone(),
+            caches: regexes.iter().map(meta::Regex::create_cache).collect(),
+            caps: regexes.iter().map(meta::Regex::create_captures).collect(),
+        });
+        Ok(Self {
+            prefilter,
+            rules,
+            scratch: Pool::new(scratch),
+        })
     }
 
     /// The built-in default rules.
@@ -245,59 +304,60 @@ impl Rules {
         self.prefilter.always().filter_map(|i| self.rules.get(i))
     }
 
-    /// State for [`Rules::for_each_match`], to reuse from one batch to the next.
-    pub fn scratch(&self) -> Scratch {
-        Scratch {
-            candidates: self.prefilter.scratch(),
-            locs: self
-                .rules
-                .iter()
-                .map(|r| r.re.capture_locations())
-                .collect(),
-        }
-    }
-
     /// Calls `f(i, hit)` for every rule that matches `msgs[i]`: message by message, each in
-    /// file order. Allocates nothing once `scratch` has served a batch as large. A batch of
+    /// file order. Allocates nothing once this thread has matched a batch as large. A batch of
     /// many messages (a chunk's) is faster than one at a time: the prefilter walks several
     /// messages side by side.
-    pub fn for_each_match<'r>(
-        &'r self,
-        msgs: &[&[u8]],
-        scratch: &mut Scratch,
-        mut f: impl FnMut(usize, Hit<'r, '_>),
-    ) {
-        self.prefilter.candidates(msgs, &mut scratch.candidates);
-        for (m, msg) in msgs.iter().enumerate() {
-            for i in scratch.candidates.iter(m) {
-                let (Some(rule), Some(locs)) = (self.rules.get(i), scratch.locs.get_mut(i)) else {
+    ///
+    /// A rule whose every match starts with one of its literals is searched anchored at each
+    /// place the prefilter saw one, leftmost first: the first that matches is the match an
+    /// unanchored search finds (leftmost-first), found in one pass over the match instead of
+    /// three (forward to its end, back to its start, then captures).
+    pub fn for_each_match<'r>(&'r self, msgs: &[&[u8]], mut f: impl FnMut(usize, Hit<'r, '_>)) {
+        let mut guard: PoolGuard<'_, Scratch, ScratchFn> = self.scratch.get();
+        let Scratch {
+            candidates,
+            caches,
+            caps,
+        } = &mut *guard;
+        self.prefilter.candidates(msgs, candidates);
+        for (m, &msg) in msgs.iter().enumerate() {
+            for i in candidates.iter(m) {
+                let (Some(rule), Some(cache), Some(caps)) =
+                    (self.rules.get(i), caches.get_mut(i), caps.get_mut(i))
+                else {
                     continue;
                 };
-                if rule.re.captures_read(locs, msg).is_some() {
-                    f(m, Hit { rule, msg, locs });
+                if self.prefilter.anchored(i) {
+                    caps.set_pattern(None);
+                    for start in candidates.starts(m, i) {
+                        let input = Input::new(msg)
+                            .span(start..msg.len())
+                            .anchored(Anchored::Yes);
+                        rule.re.search_captures_with(cache, &input, caps);
+                        if caps.is_match() {
+                            break;
+                        }
+                    }
+                } else {
+                    rule.re.search_captures_with(cache, &Input::new(msg), caps);
+                }
+                if caps.is_match() {
+                    f(m, Hit { rule, msg, caps });
                 }
             }
         }
-    }
-
-    /// Every rule that matches `msg` with its regex alone, without the prefilter (the
-    /// reference the prefilter is tested against).
-    #[cfg(test)]
-    fn matching_without_prefilter(&self, msg: &[u8]) -> Vec<usize> {
-        (0..self.rules.len())
-            .filter(|&i| self.rules[i].re.is_match(msg))
-            .collect()
     }
 
     /// Every rule that matches `msg`, in file order, each with its fixed labels (in name order)
     /// then its captures that took part (in pattern order).
     pub fn apply(&self, msg: &str) -> Vec<Match<'_>> {
         let mut out = Vec::new();
-        let mut scratch = self.scratch();
-        self.for_each_match(&[msg.as_bytes()], &mut scratch, |_, h| {
+        self.for_each_match(&[msg.as_bytes()], |_, h| {
             let rule = h.rule;
             let mut labels = rule.labels.clone();
-            for (i, name) in rule.re.capture_names().enumerate() {
+            let names = rule.re.group_info().pattern_names(PatternID::ZERO);
+            for (i, name) in names.enumerate() {
                 let Some(name) = name else { continue };
                 if labels.iter().any(|(k, _)| k == name) {
                     continue;
@@ -448,19 +508,55 @@ mod tests {
             .collect()
     }
 
-    /// The rules `for_each_match` reports for each message of a batch, by index.
-    fn prefiltered(r: &Rules, msgs: &[&[u8]], s: &mut Scratch) -> Vec<Vec<usize>> {
+    type Found = Vec<(usize, Vec<Option<std::ops::Range<usize>>>)>;
+
+    /// What `for_each_match` reports for each message of a batch: rules by index, each with
+    /// its groups' spans.
+    fn prefiltered(r: &Rules, msgs: &[&[u8]]) -> Vec<Found> {
         let mut out = vec![Vec::new(); msgs.len()];
-        r.for_each_match(msgs, s, |i, h| {
-            out[i].extend(r.rules.iter().position(|x| std::ptr::eq(x, h.rule)));
+        r.for_each_match(msgs, |i, h| {
+            let groups = (0..h.caps.group_len()).map(|g| h.caps.get_group(g).map(|s| s.range()));
+            let rule = r.rules.iter().position(|x| std::ptr::eq(x, h.rule));
+            out[i].extend(rule.map(|rule| (rule, groups.collect())));
         });
         out
+    }
+
+    /// The reference: every rule run on its own by the regex crate, no prefilter, no
+    /// anchored search.
+    struct Reference(Vec<regex::bytes::Regex>);
+
+    impl Reference {
+        fn of(r: &Rules) -> Self {
+            Self(
+                r.rules
+                    .iter()
+                    .map(|r| {
+                        RegexBuilder::new(&r.pattern)
+                            .unicode(false)
+                            .build()
+                            .unwrap()
+                    })
+                    .collect(),
+            )
+        }
+
+        fn find(&self, msg: &[u8]) -> Found {
+            self.0
+                .iter()
+                .enumerate()
+                .filter_map(|(i, re)| {
+                    let caps = re.captures(msg)?;
+                    Some((i, caps.iter().map(|g| g.map(|g| g.range())).collect()))
+                })
+                .collect()
+        }
     }
 
     #[test]
     fn the_prefilter_changes_nothing_on_the_corpus() {
         let r = bench_rules();
-        let mut s = r.scratch();
+        let reference = Reference::of(&r);
         let corpus = corpus();
         let (mut lines, mut matches) = (0, 0);
         // Batches of all sizes, as chunks come.
@@ -471,8 +567,8 @@ mod tests {
             .chain(corpus.chunks(500))
         {
             let msgs: Vec<&[u8]> = batch.iter().map(Vec::as_slice).collect();
-            for (msg, got) in msgs.iter().zip(prefiltered(&r, &msgs, &mut s)) {
-                let want = r.matching_without_prefilter(msg);
+            for (msg, got) in msgs.iter().zip(prefiltered(&r, &msgs)) {
+                let want = reference.find(msg);
                 assert_eq!(got, want, "{}", String::from_utf8_lossy(msg));
                 lines += 1;
                 matches += want.len();
@@ -503,8 +599,7 @@ mod tests {
             .describe()
             .iter()
             .flatten()
-            .flatten()
-            .cloned()
+            .flat_map(|l| l.set().iter().cloned())
             .collect();
         for msg in corpus().iter().step_by(7) {
             v.extend(msg.split(|&b| b == b' ').map(<[u8]>::to_vec));
@@ -546,9 +641,13 @@ mod tests {
             )
         ) {
             thread_local! {
-                static FIXTURE: (Rules, Vec<Vec<u8>>) = (bench_rules(), vocabulary());
+                static FIXTURE: (Rules, Reference, Vec<Vec<u8>>) = {
+                    let r = bench_rules();
+                    let reference = Reference::of(&r);
+                    (r, reference, vocabulary())
+                };
             }
-            FIXTURE.with(|(r, vocab)| {
+            FIXTURE.with(|(r, reference, vocab)| {
                 let msgs: Vec<Vec<u8>> = batch
                     .into_iter()
                     .map(|parts| {
@@ -567,17 +666,46 @@ mod tests {
                     })
                     .collect();
                 let refs: Vec<&[u8]> = msgs.iter().map(Vec::as_slice).collect();
-                let mut s = r.scratch();
-                for (msg, got) in refs.iter().zip(prefiltered(r, &refs, &mut s)) {
+                for (msg, got) in refs.iter().zip(prefiltered(r, &refs)) {
                     proptest::prop_assert_eq!(
                         got,
-                        r.matching_without_prefilter(msg),
+                        reference.find(msg),
                         "{}",
                         String::from_utf8_lossy(msg)
                     );
                 }
                 Ok(())
             })?;
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(1000))]
+        /// Random patterns as rules: the prefilter and the anchored searches find what the
+        /// regex crate finds, groups included.
+        #[test]
+        fn random_rules_match_as_the_regex_crate_does(
+            patterns in proptest::collection::vec(crate::prefilter::tests::pattern(), 1..4),
+            msgs in proptest::collection::vec(crate::prefilter::tests::haystack(), 1..12),
+        ) {
+            let file: String = patterns
+                .iter()
+                .map(|p| format!("[[rule]]\nname = \"r\"\nregex = '''{p}'''\n"))
+                .collect();
+            let Ok(r) = Rules::parse(&file) else {
+                return Ok(());
+            };
+            let reference = Reference::of(&r);
+            let refs: Vec<&[u8]> = msgs.iter().map(Vec::as_slice).collect();
+            for (msg, got) in refs.iter().zip(prefiltered(&r, &refs)) {
+                proptest::prop_assert_eq!(
+                    got,
+                    reference.find(msg),
+                    "{:?} on {:?}",
+                    patterns,
+                    String::from_utf8_lossy(msg)
+                );
+            }
         }
     }
 }
