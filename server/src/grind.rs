@@ -311,17 +311,16 @@ fn json_str(out: &mut Vec<u8>, s: &[u8]) {
 
 /// Appends an unsigned integer in decimal.
 fn write_u64(out: &mut Vec<u8>, mut n: u64) {
+    let len = n.checked_ilog10().map_or(1, |l| l as usize + 1);
     let mut digits = [0u8; 20];
-    let mut i = digits.len();
-    loop {
-        i -= 1;
-        digits[i] = b'0' + (n % 10) as u8;
+    for d in digits.iter_mut().take(len).rev() {
+        *d = b'0' + (n % 10) as u8;
         n /= 10;
-        if n == 0 {
-            break;
-        }
     }
-    out.extend_from_slice(&digits[i..]);
+    // A copy of fixed length is a few moves where one of the number's length is a call.
+    let at = out.len();
+    out.extend_from_slice(&digits);
+    out.truncate(at + len);
 }
 
 /// Appends a signed integer in decimal.

@@ -212,19 +212,27 @@ impl Candidates {
         })
     }
 
-    /// Where, in message `msg`, a literal of anchored rule `rule` starts: ascending.
-    pub(crate) fn starts(&self, msg: usize, rule: usize) -> impl Iterator<Item = usize> + '_ {
-        let from = self
-            .starts
-            .partition_point(|&(m, r, _)| (m, r) < (msg, rule));
-        let to = self
-            .starts
-            .partition_point(|&(m, r, _)| (m, r) <= (msg, rule));
-        self.starts
-            .get(from..to)
-            .unwrap_or_default()
+    /// Where, in message `msg`, a literal of anchored rule `rule` starts: ascending. `cursor`
+    /// starts at 0 for a batch and is moved on: ask for (message, rule) pairs in ascending
+    /// order.
+    pub(crate) fn starts(
+        &self,
+        cursor: &mut usize,
+        msg: usize,
+        rule: usize,
+    ) -> impl Iterator<Item = usize> + '_ {
+        let rest = self.starts.get(*cursor..).unwrap_or_default();
+        let skip = rest
             .iter()
-            .map(|&(_, _, s)| s)
+            .take_while(|&&(m, r, _)| (m, r) < (msg, rule))
+            .count();
+        let rest = rest.get(skip..).unwrap_or_default();
+        let n = rest
+            .iter()
+            .take_while(|&&(m, r, _)| (m, r) == (msg, rule))
+            .count();
+        *cursor += skip + n;
+        rest.get(..n).unwrap_or_default().iter().map(|&(_, _, s)| s)
     }
 }
 

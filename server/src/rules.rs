@@ -321,6 +321,7 @@ impl Rules {
             caps,
         } = &mut *guard;
         self.prefilter.candidates(msgs, candidates);
+        let mut cursor = 0;
         for (m, &msg) in msgs.iter().enumerate() {
             for i in candidates.iter(m) {
                 let (Some(rule), Some(cache), Some(caps)) =
@@ -330,7 +331,7 @@ impl Rules {
                 };
                 if self.prefilter.anchored(i) {
                     caps.set_pattern(None);
-                    for start in candidates.starts(m, i) {
+                    for start in candidates.starts(&mut cursor, m, i) {
                         let input = Input::new(msg)
                             .span(start..msg.len())
                             .anchored(Anchored::Yes);
