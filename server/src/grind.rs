@@ -803,9 +803,8 @@ impl Grinder {
                     .with_context(|| format!("writing events {key}"))?;
                 self.fault("after-events-put");
             }
-            for (_, e) in events {
-                self.reducer.event(e.series.clone(), e.wall_us);
-            }
+            self.reducer
+                .events(events.iter().map(|(_, e)| (&e.series, e.wall_us)));
             let lines: u64 = g.chunks.iter().map(|c| c.seqs.len() as u64).sum();
             let bad: u64 =
                 g.chunks.iter().map(|c| c.bad_lines).sum::<u64>() + g.read.problems.len() as u64;
