@@ -376,7 +376,7 @@ pub fn events_key(prefix: &str, src: &Source) -> String {
 /// Gzip of NDJSON lines given in a few large parts (each chunk's [`GroundChunk::ndjson`], or
 /// runs of it), compressed in large writes: tiny writes into the encoder cost more than
 /// everything else the grinder does. Level 1 (zlib-rs's quick deflate) compresses the events
-/// about 11 to 1 at about 1 GB/s; level 2 makes them 25 % smaller at 1.4 times the time, level 6
+/// about 11 to 1 at about 1 GB/s; level 2 makes them 23 % smaller at 1.4 times the time, level 6
 /// 35 % smaller at five times the time (measured on the bench's events).
 pub fn events_bytes<'a>(parts: impl IntoIterator<Item = &'a [u8]>) -> Vec<u8> {
     use std::io::Write;
