@@ -29,8 +29,9 @@
 //!   parses `--since`/`--until`.
 //! - [`narrative`]: some devices' exact lines in a range, merged by wall time.
 //! - [`grep`]: time-bounded, device-filtered, parallel search with ordered output.
-//! - [`grind`] with [`rules`] and [`reducer`]: regex rules turn new lines into events objects,
-//!   exactly once across restarts (checkpoint object), counted for Prometheus.
+//! - [`grind`] with [`rules`] and [`reducer`]: regex rules (behind a literal prefilter, the
+//!   private `prefilter` module) turn new lines into events objects, exactly once across
+//!   restarts (checkpoint object), counted for Prometheus.
 //! - [`compact`]: an hour's segments into one object per device, then a day's hours into one
 //!   object per device for the day (`--auto` for cron), switched by manifests, streaming.
 #![forbid(unsafe_code)]
@@ -44,6 +45,7 @@ pub mod grep;
 pub mod grind;
 pub mod metrics;
 pub mod narrative;
+mod prefilter;
 pub mod reader;
 pub mod receive;
 pub mod reducer;

@@ -72,13 +72,29 @@ impl Reducer {
 
     /// Counts one event of `key` at wall time `wall_us`.
     pub fn event(&self, key: SeriesKey, wall_us: i64) {
-        let mut s = self.lock();
-        *s.totals.entry(key.clone()).or_default() += 1;
-        *s.minutes
-            .entry(key)
-            .or_default()
-            .entry(wall_us.div_euclid(MINUTE_US))
-            .or_default() += 1;
+        self.events([(&key, wall_us)]);
+    }
+
+    /// Counts events (series, wall time) under one lock, copying a series' key only the first
+    /// time it is seen: an object's events at once.
+    pub fn events<'a>(&self, events: impl IntoIterator<Item = (&'a SeriesKey, i64)>) {
+        let mut guard = self.lock();
+        let s = &mut *guard;
+        for (key, wall_us) in events {
+            match s.totals.get_mut(key) {
+                Some(n) => *n += 1,
+                None => {
+                    s.totals.insert(key.clone(), 1);
+                }
+            }
+            let minute = wall_us.div_euclid(MINUTE_US);
+            match s.minutes.get_mut(key) {
+                Some(m) => *m.entry(minute).or_default() += 1,
+                None => {
+                    s.minutes.insert(key.clone(), BTreeMap::from([(minute, 1)]));
+                }
+            }
+        }
     }
 
     /// Counts an event ground before this process started into the windows only (the totals
@@ -209,8 +225,10 @@ mod tests {
             )
         };
         r.event(k("dnsmasq"), now - 10_000_000);
-        r.event(k("dnsmasq"), now - 20 * MINUTE_US);
-        r.event(k("hostapd"), now - 2 * 3_600_000_000);
+        r.events([
+            (&k("dnsmasq"), now - 20 * MINUTE_US),
+            (&k("hostapd"), now - 2 * 3_600_000_000),
+        ]);
         r.event(("odd".into(), vec![("name".into(), "a\"b".into())]), now);
         let text = r.render(now);
         for want in [
