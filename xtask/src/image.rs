@@ -15,7 +15,8 @@ use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 
-use crate::{apt, cargo, project_root, run_cmd, show};
+use crate::apt::{self, output};
+use crate::{cargo, project_root, run_cmd};
 
 const TARGET: &str = "x86_64-unknown-linux-musl";
 const IMAGE: &str = "localhost/blackbox-server";
@@ -190,20 +191,4 @@ fn buildah<const N: usize>(args: [&str; N]) -> Command {
     let mut cmd = Command::new("buildah");
     cmd.args(["--storage-driver", "vfs"]).args(args);
     cmd
-}
-
-/// Runs `cmd` and returns its stdout; fails with its stderr.
-fn output(cmd: &mut Command) -> Result<String> {
-    let shown = show(cmd);
-    let out = cmd
-        .output()
-        .with_context(|| format!("could not start `{shown}`"))?;
-    if !out.status.success() {
-        bail!(
-            "`{shown}` failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
