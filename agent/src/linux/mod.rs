@@ -529,7 +529,7 @@ impl Sender {
                 for batch in job_rx {
                     let answer = match batch.as_slice() {
                         [one] => uploader.send(&one.bytes),
-                        _ => uploader.send(&batch.concat_bytes()),
+                        _ => uploader.send(&concat_bytes(&batch)),
                     };
                     let ids = batch.into_iter().map(|c| c.id).collect();
                     if answer_tx.send((ids, answer)).is_err() {
@@ -576,18 +576,12 @@ impl Sender {
 }
 
 /// The bytes of a batch: its chunks back to back.
-trait ConcatBytes {
-    fn concat_bytes(&self) -> Vec<u8>;
-}
-
-impl ConcatBytes for [Sealed] {
-    fn concat_bytes(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(self.iter().map(|c| c.bytes.len()).sum());
-        for c in self {
-            out.extend_from_slice(&c.bytes);
-        }
-        out
+fn concat_bytes(batch: &[Sealed]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(batch.iter().map(|c| c.bytes.len()).sum());
+    for c in batch {
+        out.extend_from_slice(&c.bytes);
     }
+    out
 }
 
 /// On SIGTERM (a shutdown or a service stop): one last upload of what is waiting, the open
