@@ -587,3 +587,57 @@ fn a_refused_batch_is_resent_one_by_one_and_only_bad_chunks_are_set_aside() {
         agent.log_text()
     );
 }
+
+/// A start-up backlog that keeps coming (here a log file longer than any kernel's buffer, read
+/// before the agent ever catches up) is held only up to 8 MiB, then settled: the agent says so,
+/// does not wait for the end, and every line is still stored exactly once, in order.
+#[test]
+fn an_endless_start_up_backlog_is_settled_at_8_mib_and_every_line_is_kept() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = format!("file://{}", tmp.path().join("store").display());
+    let server = Server::start(&store, vec![], &[], tmp.path());
+    let mut kmsg = KmsgFile::new(tmp.path().join("kmsg"));
+    let total = 10_000u64;
+    let pad = "x".repeat(1000);
+    let mut raw = Vec::new();
+    for s in 0..total {
+        raw.extend(format!("14,{s},{},-;app: line {s} {pad}\n", 1_000_000 + s * 100).as_bytes());
+    }
+    kmsg.append_raw(&raw);
+    assert!(
+        raw.len() > 9 << 20,
+        "the backlog is longer than the 8 MiB held"
+    );
+    let agent = Agent::start(
+        &server.url(),
+        &tmp.path().join("state"),
+        &kmsg.path,
+        "dev-h",
+        &[
+            "--interval",
+            "1",
+            "--ring",
+            &format!("file:{}:32M", tmp.path().join("ring").display()),
+        ],
+    );
+    let stored = || read_store(&store, &[]).len() as u64 >= total;
+    let ok = wait_until(Duration::from_secs(120), stored);
+    let seqs = seqs_by_device(&read_store(&store, &[]))
+        .remove("dev-h")
+        .unwrap_or_default();
+    let log = agent.log_text();
+    assert!(
+        ok,
+        "{} of {total} lines stored; agent log:\n{log}",
+        seqs.len()
+    );
+    assert_eq!(
+        seqs,
+        (0..total).collect::<Vec<u64>>(),
+        "exactly once, in order"
+    );
+    assert!(
+        log.contains("start-up backlog passed 8 MiB"),
+        "the agent says it settled early:\n{log}"
+    );
+}

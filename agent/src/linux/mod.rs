@@ -355,6 +355,7 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
     let mut next_upload = Instant::now() + Duration::from_millis(sched.first_delay(random_u32()));
     // Until the backlog is read, hold events: the backlog may start with a previous boot.
     let mut held: Option<Vec<Event>> = Some(Vec::new());
+    let mut held_bytes = 0usize;
     let mut pstore: Option<PstorePending> = None;
     let mut dropped_reported = 0u64;
     let mut sender = Sender::spawn(uploader)?;
@@ -394,7 +395,23 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
                             settle_backlog(&mut buf, &cfg, previous, resume, h)?;
                             pstore = collect_pstore(&mut buf, &cfg, previous)?;
                         }
-                        (Some(h), ev) => h.push(ev),
+                        (Some(h), ev) => {
+                            held_bytes += event_size(&ev);
+                            h.push(ev);
+                            if held_bytes > HELD_MAX_BYTES {
+                                // The kernel's buffer is far smaller than this: records are
+                                // arriving as fast as they are read. Settle what is held; what
+                                // follows belongs to this boot.
+                                eprintln!(
+                                    "blackbox-agent: the start-up backlog passed {} MiB before the reader caught up; settling it now",
+                                    HELD_MAX_BYTES >> 20
+                                );
+                                let h = std::mem::take(h);
+                                held = None;
+                                settle_backlog(&mut buf, &cfg, previous, resume, h)?;
+                                pstore = collect_pstore(&mut buf, &cfg, previous)?;
+                            }
+                        }
                         (None, ev) => handle(&mut buf, &cfg.boot, ev, &sync)?,
                     }
                     report_drops(&buf, &mut dropped_reported);
@@ -670,6 +687,22 @@ fn to_record(r: KmsgRecord) -> Record {
 }
 
 /// Stores one event of `boot`; `sync` is the clock pair stamped on a block it starts.
+/// Most bytes of events held at start-up before the backlog is settled without waiting for
+/// the reader to catch up. Routers' kernels keep 16-512 KiB of log (`CONFIG_LOG_BUF_SHIFT`
+/// 14-19): a reader that has not caught up after this much is reading a flood as it happens,
+/// and waiting longer would only grow the agent.
+const HELD_MAX_BYTES: usize = 8 << 20;
+
+/// What an event held at start-up costs in memory, roughly.
+fn event_size(ev: &Event) -> usize {
+    std::mem::size_of::<Event>()
+        + match ev {
+            Event::Record(r) => r.msg.len(),
+            Event::Failed(e) => e.len(),
+            Event::Gap { .. } | Event::CaughtUp => 0,
+        }
+}
+
 fn handle(
     buf: &mut RingBuffer<Mapping>,
     boot: &BootId,
