@@ -140,6 +140,16 @@ fn main() {
         include_str!("rules-extra.toml")
     ))
     .unwrap();
+    // `GRIND_PROFILE=N`: only grind N times (to run under `perf record`).
+    if let Some(n) = std::env::var("GRIND_PROFILE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        for _ in 0..n {
+            std::hint::black_box(grind_all(&segs, &rules));
+        }
+        return;
+    }
     println!(
         "corpus as {} segments: {lines} lines, {:.1} MiB of log text, {:.1} MiB NDJSON, {:.1} MiB stored (gzip); {} rules",
         segs.len(),
