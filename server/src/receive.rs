@@ -12,7 +12,7 @@
 //! | 400 | invalid chunk, with the reason |
 //! | 401 / 403 | no device identity / device not allowed, or chunk claims another device |
 //! | 408 | body not received in time (too slow: see [`ReceiveConfig::min_body_rate`]) |
-//! | 413 | body or declared inflated size over the limit |
+//! | 413 | body over `--max-body` (the answer's `max_body` says the limit), or a chunk's declared inflated size over its limit |
 //! | 503 + Retry-After | shed at once: over the in-flight limit or the body budget, no decoder free within 5 s, shutting down; or the store failing |
 //!
 //! Over `--max-connections` a connection is closed right after accept, before TLS (see
@@ -268,9 +268,10 @@ pub enum ApiError {
         /// What was wrong.
         error: DecodeError,
     },
-    /// Over a size limit.
+    /// The body is over `--max-body` (the limit goes into the answer as `max_body`, so a client
+    /// sending several chunks in one request knows how much to send instead).
     #[error("too large: {0}")]
-    TooLarge(String),
+    TooLarge(String, usize),
     /// No usable device identity on the request.
     #[error("no device identity: {0}")]
     Unauthenticated(&'static str),
@@ -316,7 +317,7 @@ impl IntoResponse for ApiError {
                 error: DecodeError::LimitExceeded { .. },
                 ..
             }
-            | Self::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, None),
+            | Self::TooLarge(..) => (StatusCode::PAYLOAD_TOO_LARGE, None),
             Self::Invalid(_) | Self::InvalidIn { .. } | Self::Body(_) => {
                 (StatusCode::BAD_REQUEST, None)
             }
@@ -327,7 +328,12 @@ impl IntoResponse for ApiError {
                 (StatusCode::SERVICE_UNAVAILABLE, Some(*s))
             }
         };
-        let body = serde_json::json!({ "error": self.to_string() });
+        let body = match &self {
+            Self::TooLarge(_, max) => {
+                serde_json::json!({ "error": self.to_string(), "max_body": max })
+            }
+            _ => serde_json::json!({ "error": self.to_string() }),
+        };
         let mut resp = (status, axum::Json(body)).into_response();
         if let Some(s) = retry {
             let h = resp.headers_mut();
@@ -463,9 +469,10 @@ async fn post_chunk(
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     if let Some(len) = declared {
         if len > max as u64 {
-            return Err(ApiError::TooLarge(format!(
-                "body of {len} bytes, limit {max}"
-            )));
+            return Err(ApiError::TooLarge(
+                format!("body of {len} bytes, limit {max}"),
+                max,
+            ));
         }
     }
     // Within max_body, so it fits in usize and u32 (max_body is at most a few MiB).
@@ -647,9 +654,10 @@ async fn read_body(
         let frame = frame.map_err(|e| ApiError::Body(e.to_string()))?;
         if let Ok(data) = frame.into_data() {
             if buf.len() + data.len() > max {
-                return Err(ApiError::TooLarge(format!(
-                    "body over the limit of {max} bytes"
-                )));
+                return Err(ApiError::TooLarge(
+                    format!("body over the limit of {max} bytes"),
+                    max,
+                ));
             }
             buf.extend_from_slice(&data);
         }

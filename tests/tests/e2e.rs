@@ -447,52 +447,48 @@ fn metric(text: &str, name: &str) -> u64 {
         .sum()
 }
 
+/// A backlog of 20,000 lines in 4 KiB ring blocks (about 200 chunks), uploaded by one agent to a
+/// server started with `server_args`: every line stored once, in order. Returns the agent's
+/// log, the server's metrics text and the agent's state directory (in `tmp`).
+fn upload_a_backlog(
+    tmp: &std::path::Path,
+    server_args: &[&str],
+    device: &str,
+) -> (String, String, std::path::PathBuf) {
+    let store = format!("file://{}", tmp.join("store").display());
+    let mport = blackbox_tests::harness::free_port();
+    let metrics = format!("127.0.0.1:{mport}");
+    let mut args = vec!["--metrics-listen", &metrics];
+    args.extend(server_args);
+    let server = Server::start(&store, vec![], &args, tmp);
+    let mut kmsg = KmsgFile::new(tmp.join("kmsg"));
+    let total = 20_000u64;
+    kmsg.append(total, "app");
+    let state = tmp.join("state");
+    let agent = Agent::start(
+        &server.url(),
+        &state,
+        &kmsg.path,
+        device,
+        &["--interval", "1", "--block-size", "4096"],
+    );
+    let log = all_stored_once_in_order(&store, device, total, &agent);
+    let text = ureq::get(format!("http://{metrics}/metrics"))
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap();
+    (log, text, state)
+}
+
 /// A backlog of many ring blocks goes up many chunks to a request: with the server's default
 /// one-second group commit, one chunk per request would take minutes for this backlog (and cap
 /// a device at a block a second). Every line still arrives exactly once, in order.
 #[test]
 fn a_backlog_goes_up_in_batches_of_chunks() {
     let tmp = tempfile::tempdir().unwrap();
-    let store = format!("file://{}", tmp.path().join("store").display());
-    let mport = blackbox_tests::harness::free_port();
-    let server = Server::start(
-        &store,
-        vec![],
-        &["--metrics-listen", &format!("127.0.0.1:{mport}")],
-        tmp.path(),
-    );
-    let mut kmsg = KmsgFile::new(tmp.path().join("kmsg"));
-    let total = 20_000u64;
-    kmsg.append(total, "app");
-    let agent = Agent::start(
-        &server.url(),
-        &tmp.path().join("state"),
-        &kmsg.path,
-        "dev-b",
-        &["--interval", "1", "--block-size", "4096"],
-    );
-    let stored = || read_store(&store, &[]).len() as u64 >= total;
-    let ok = wait_until(Duration::from_secs(120), stored);
-    let seqs = seqs_by_device(&read_store(&store, &[]))
-        .remove("dev-b")
-        .unwrap_or_default();
-    assert!(
-        ok,
-        "{} of {total} lines stored; agent log:\n{}",
-        seqs.len(),
-        agent.log_text()
-    );
-    assert_eq!(
-        seqs,
-        (0..total).collect::<Vec<u64>>(),
-        "exactly once, in order"
-    );
-    let text = ureq::get(format!("http://127.0.0.1:{mport}/metrics"))
-        .call()
-        .unwrap()
-        .body_mut()
-        .read_to_string()
-        .unwrap();
+    let (_, text, _) = upload_a_backlog(tmp.path(), &[], "dev-b");
     let chunks = metric(&text, "blackbox_chunks_stored_total");
     let requests = metric(&text, "blackbox_http_requests_total{status=\"201\"}");
     assert!(chunks >= 200, "{chunks} chunks: the blocks were not small");
@@ -588,6 +584,28 @@ fn a_refused_batch_is_resent_one_by_one_and_only_bad_chunks_are_set_aside() {
     );
 }
 
+/// Waits (up to two minutes) until the store holds `total` lines, then checks that `device`'s
+/// are seqs `0..total`, each once, in order. Returns the agent's log.
+fn all_stored_once_in_order(store: &str, device: &str, total: u64, agent: &Agent) -> String {
+    let stored = || read_store(store, &[]).len() as u64 >= total;
+    let ok = wait_until(Duration::from_secs(120), stored);
+    let seqs = seqs_by_device(&read_store(store, &[]))
+        .remove(device)
+        .unwrap_or_default();
+    let log = agent.log_text();
+    assert!(
+        ok,
+        "{} of {total} lines stored; agent log:\n{log}",
+        seqs.len()
+    );
+    assert_eq!(
+        seqs,
+        (0..total).collect::<Vec<u64>>(),
+        "exactly once, in order"
+    );
+    log
+}
+
 /// A start-up backlog that keeps coming (here a log file longer than any kernel's buffer, read
 /// before the agent ever catches up) is held only up to 8 MiB, then settled: the agent says so,
 /// does not wait for the end, and every line is still stored exactly once, in order.
@@ -620,24 +638,37 @@ fn an_endless_start_up_backlog_is_settled_at_8_mib_and_every_line_is_kept() {
             &format!("file:{}:32M", tmp.path().join("ring").display()),
         ],
     );
-    let stored = || read_store(&store, &[]).len() as u64 >= total;
-    let ok = wait_until(Duration::from_secs(120), stored);
-    let seqs = seqs_by_device(&read_store(&store, &[]))
-        .remove("dev-h")
-        .unwrap_or_default();
-    let log = agent.log_text();
-    assert!(
-        ok,
-        "{} of {total} lines stored; agent log:\n{log}",
-        seqs.len()
-    );
-    assert_eq!(
-        seqs,
-        (0..total).collect::<Vec<u64>>(),
-        "exactly once, in order"
-    );
+    let log = all_stored_once_in_order(&store, "dev-h", total, &agent);
     assert!(
         log.contains("start-up backlog passed 8 MiB"),
         "the agent says it settled early:\n{log}"
+    );
+}
+
+/// A server whose `--max-body` is below the agent's batch size answers the first batch 413 with
+/// its limit; the agent then sends batches within it (not one chunk at a time, not a 413 per
+/// batch), and every line arrives exactly once, in order, none set aside as rejected.
+#[test]
+fn a_batch_over_the_servers_body_limit_makes_the_agent_send_smaller_batches() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (log, text, state) = upload_a_backlog(tmp.path(), &["--max-body", "65536"], "dev-m");
+    assert!(
+        log.contains("its limit is 65536"),
+        "the agent read the limit from the 413:\n{log}"
+    );
+    assert!(
+        !state.join("rejected").exists(),
+        "nothing set aside:\n{log}"
+    );
+    let chunks = metric(&text, "blackbox_chunks_stored_total");
+    let requests = metric(&text, "blackbox_http_requests_total{status=\"201\"}");
+    let too_large = metric(&text, "blackbox_http_requests_total{status=\"413\"}");
+    assert_eq!(
+        too_large, 1,
+        "one 413, then batches within the limit\n{text}"
+    );
+    assert!(
+        requests * 4 <= chunks,
+        "{chunks} chunks took {requests} requests: not batched\n{text}"
     );
 }

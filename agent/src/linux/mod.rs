@@ -361,6 +361,8 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
     let mut sender = Sender::spawn(uploader)?;
     // After a refused batch: uploads left to send one chunk at a time.
     let mut singles = 0usize;
+    // Most bytes in one request: less once the server refused a batch as too large (413).
+    let mut batch_bytes = BATCH_BYTES;
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(sig, Arc::clone(&stop))
@@ -368,7 +370,7 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
     }
     loop {
         if stop.load(Ordering::Relaxed) {
-            return stop_gracefully(&mut buf, &mut sender, &cfg, held.is_none());
+            return stop_gracefully(&mut buf, &mut sender, &cfg, held.is_none(), batch_bytes);
         }
         // Wake at least every 250 ms to see a stop request.
         let mut wait = next_upload
@@ -451,20 +453,27 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
                     );
                     next_upload = Instant::now() + Duration::from_millis(d);
                 }
-                Answer::Rejected { why } => match ids.as_slice() {
+                Answer::Rejected { why, max_body } => match ids.as_slice() {
                     [id] => {
                         buf.reject(id, &why)?;
                         next_upload = Instant::now();
                     }
-                    _ => {
-                        // Which chunk? Send them one by one: only the bad one is set aside.
-                        eprintln!(
-                            "blackbox-agent: server refused {what} ({why}); sending them one \
-                             at a time"
-                        );
-                        singles = ids.len();
-                        next_upload = Instant::now();
-                    }
+                    _ => match max_body {
+                        // Refused for its size alone: smaller requests pass.
+                        Some(max) => {
+                            batch_bytes = smaller_batches(sender.sent_bytes, max);
+                            next_upload = Instant::now();
+                        }
+                        None => {
+                            // Which chunk? Send them one by one: only the bad one is set aside.
+                            eprintln!(
+                                "blackbox-agent: server refused {what} ({why}); sending them \
+                                 one at a time"
+                            );
+                            singles = ids.len();
+                            next_upload = Instant::now();
+                        }
+                    },
                 },
             }
             if let Err(e) = buf.ring_mut().backing_mut().flush() {
@@ -486,7 +495,7 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
         if sender.in_flight.is_none() && Instant::now() >= next_upload {
             buf.seal_if_idle(sync_point(&cfg.synced_flag));
             let max = if singles > 0 { 1 } else { BATCH_CHUNKS };
-            let batch = buf.next_batch(max, BATCH_BYTES)?;
+            let batch = buf.next_batch(max, batch_bytes)?;
             singles = singles.saturating_sub(1);
             if !sender.send(batch)? {
                 // All delivered: the normal interval.
@@ -508,8 +517,21 @@ const STOP_POLL: Duration = Duration::from_millis(250);
 /// per request would cap the agent at a block a second: far below a busy device's log rate.
 const BATCH_CHUNKS: usize = 64;
 
-/// Most bytes of chunks sent in one request (the server takes bodies up to 2 MiB).
+/// Most bytes of chunks sent in one request (the server takes bodies up to 2 MiB by default;
+/// one with a lower `--max-body` states it in its 413, and the agent sends less from then on).
 const BATCH_BYTES: usize = 256 << 10;
+
+/// The request size to use after a batch of `sent` bytes was refused for the server's body
+/// limit `max_body`: at most that, and less than what was refused (a batch of one chunk is
+/// always sent; a chunk the server still refuses alone is set aside).
+fn smaller_batches(sent: usize, max_body: usize) -> usize {
+    let next = max_body.min(sent.saturating_sub(1)).max(1);
+    eprintln!(
+        "blackbox-agent: server refused a request of {sent} bytes (its limit is {max_body}); \
+         sending at most {next} bytes per request from now on"
+    );
+    next
+}
 
 /// The chunks of one request, for messages: `chunk ID`, or `N chunks FIRST .. LAST`.
 struct Batch<'a>(&'a [ChunkId]);
@@ -534,6 +556,8 @@ struct Sender {
     answers: mpsc::Receiver<(Vec<ChunkId>, Answer)>,
     /// The chunks on their way, if any.
     in_flight: Option<Vec<ChunkId>>,
+    /// Bytes of the last request sent.
+    sent_bytes: usize,
 }
 
 impl Sender {
@@ -559,6 +583,7 @@ impl Sender {
             jobs,
             answers,
             in_flight: None,
+            sent_bytes: 0,
         })
     }
 
@@ -568,6 +593,7 @@ impl Sender {
             return Ok(false);
         }
         self.in_flight = Some(batch.iter().map(|c| c.id.clone()).collect());
+        self.sent_bytes = batch.iter().map(|c| c.bytes.len()).sum();
         self.jobs
             .send(batch)
             .map_err(|_| anyhow::anyhow!("the upload thread stopped"))?;
@@ -610,6 +636,7 @@ fn stop_gracefully(
     sender: &mut Sender,
     cfg: &RunConfig,
     settled: bool,
+    mut batch_bytes: usize,
 ) -> anyhow::Result<()> {
     let deadline = Instant::now() + cfg.timeout.min(Duration::from_secs(5));
     if settled {
@@ -626,9 +653,12 @@ fn stop_gracefully(
                             buf.ack(id)?;
                         }
                     }
-                    Some((ids, Answer::Rejected { why })) => match ids.as_slice() {
+                    Some((ids, Answer::Rejected { why, max_body })) => match ids.as_slice() {
                         [id] => buf.reject(id, &why)?,
-                        _ => singles = true,
+                        _ => match max_body {
+                            Some(max) => batch_bytes = smaller_batches(sender.sent_bytes, max),
+                            None => singles = true,
+                        },
                     },
                     Some((ids, Answer::Retry { why, .. })) => {
                         eprintln!("blackbox-agent: upload of {} failed: {why}", Batch(&ids));
@@ -642,7 +672,7 @@ fn stop_gracefully(
             }
             buf.seal_if_idle(sync_point(&cfg.synced_flag));
             let max = if singles { 1 } else { BATCH_CHUNKS };
-            if !sender.send(buf.next_batch(max, BATCH_BYTES)?)? {
+            if !sender.send(buf.next_batch(max, batch_bytes)?)? {
                 break;
             }
         }

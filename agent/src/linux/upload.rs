@@ -55,6 +55,9 @@ pub enum Answer {
     Rejected {
         /// Status and body.
         why: String,
+        /// 413 for the body's size: the server's `--max-body`, from the answer. For a batch
+        /// that says nothing about its chunks: smaller requests pass.
+        max_body: Option<usize>,
     },
 }
 
@@ -298,6 +301,7 @@ impl Uploader {
             },
             400 | 413 | 422 => Answer::Rejected {
                 why: format!("{status}: {body}"),
+                max_body: (status == 413).then(|| max_body(body)).flatten(),
             },
             401 | 403 => Answer::Retry {
                 after,
@@ -309,6 +313,16 @@ impl Uploader {
             },
         }
     }
+}
+
+/// The `max_body` a 413 answer states (`{"error":"…","max_body":N}`), if it states one.
+fn max_body(body: &str) -> Option<usize> {
+    let rest = &body[body.find(r#""max_body":"#)? + r#""max_body":"#.len()..];
+    let digits = rest.trim_start();
+    let end = digits
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(digits.len());
+    digits[..end].parse().ok().filter(|&n| n > 0)
 }
 
 fn chunks_url(server: &str) -> String {
@@ -381,6 +395,23 @@ mod tests {
 
     fn io_wrapped(r: rustls::Error) -> ureq::Error {
         ureq::Error::Io(std::io::Error::new(std::io::ErrorKind::InvalidData, r))
+    }
+
+    #[test]
+    fn the_body_limit_is_read_from_a_413_answer_when_it_states_one() {
+        let answer = r#"{"error":"too large: body of 262144 bytes, limit 65536","max_body":65536}"#;
+        assert_eq!(max_body(answer), Some(65536));
+        assert_eq!(max_body(r#"{"max_body": 7}"#), Some(7));
+        for no in [
+            r#"{"error":"invalid chunk 2 of 3 in the request (none stored): limit exceeded"}"#,
+            r#"{"max_body":0}"#,
+            r#"{"max_body":"#,
+            r#"{"max_body":-1}"#,
+            r#"{"max_body":99999999999999999999999}"#,
+            "",
+        ] {
+            assert_eq!(max_body(no), None, "{no}");
+        }
     }
 
     #[test]
