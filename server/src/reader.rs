@@ -526,6 +526,9 @@ pub struct SourceRead {
     pub vanished: bool,
     /// Bytes fetched.
     pub fetched: u64,
+    /// The last (or only) piece of its source ([`read_hours`] reads a large source in pieces
+    /// of [`PIECE_BYTES`]; [`read_source`] reads it whole).
+    pub last: bool,
 }
 
 /// Inflates with zlib-rs (about twice miniz_oxide's speed) into at most `raw_len` bytes; the
@@ -614,25 +617,47 @@ pub fn decode_all(
     out
 }
 
-/// Reads the chunks of `src` that `filter` may want (see the module doc).
-pub async fn read_source(
-    store: &Store,
-    src: &Source,
-    filter: &Filter,
-    limits: &Limits,
-) -> Result<SourceRead, ReadError> {
-    let key: Arc<str> = Arc::from(src.key.as_str());
+/// Most compressed bytes of one source that [`read_hours`] holds at once: a larger source (a
+/// device's day roll-up can be hundreds of MB) is read in pieces of its wanted chunks, one
+/// after the other, so a reader's memory stays bounded by `parallel` pieces whatever the
+/// object's size.
+pub const PIECE_BYTES: u64 = 8 << 20;
+
+/// What a source's index says to read of it.
+#[derive(Debug)]
+enum Want {
+    /// Nothing of it passes the filter.
+    Nothing,
+    /// No usable index: the whole object, walking its gzip headers.
+    Whole,
+    /// These chunks; `all` when they are every chunk of the object (one GET then).
+    Chunks { entries: Vec<IndexEntry>, all: bool },
+}
+
+/// A source (or a piece of one) with what to read of it.
+#[derive(Debug)]
+struct Planned {
+    read: SourceRead,
+    want: Want,
+}
+
+/// Fetches `src`'s index and picks the chunks `filter` wants.
+async fn plan_source(store: &Store, src: &Source, filter: &Filter) -> Result<Planned, ReadError> {
     let mut read = SourceRead {
         source: src.clone(),
         chunks: Vec::new(),
         problems: Vec::new(),
         vanished: false,
         fetched: 0,
+        last: true,
     };
     if let Some(d) = &src.device
         && !filter.wants_device(d)
     {
-        return Ok(read);
+        return Ok(Planned {
+            read,
+            want: Want::Nothing,
+        });
     }
     let idx = idx_key(&src.key);
     let entries = match get_opt(store, &idx).await? {
@@ -650,22 +675,103 @@ pub async fn read_source(
         }
         None => None,
     };
-    let limits = *limits;
-    let Some(entries) = entries else {
-        read_whole(store, &key, &limits, &mut read).await?;
-        return Ok(read);
+    let want = match entries {
+        None => Want::Whole,
+        Some(entries) => {
+            let n = entries.len();
+            let wanted: Vec<IndexEntry> = entries.into_iter().filter(|e| filter.wants(e)).collect();
+            if wanted.is_empty() {
+                Want::Nothing
+            } else {
+                Want::Chunks {
+                    all: wanted.len() == n,
+                    entries: wanted,
+                }
+            }
+        }
     };
-    let wanted: Vec<&IndexEntry> = entries.iter().filter(|e| filter.wants(e)).collect();
-    if wanted.is_empty() {
-        return Ok(read);
+    Ok(Planned { read, want })
+}
+
+/// Splits a plan into pieces of at most `max_bytes` of chunks each (a larger chunk is a piece
+/// alone), in object order; the index's problems and bytes go with the first piece, and only
+/// the last is marked [`SourceRead::last`].
+fn pieces(p: Planned, max_bytes: u64) -> Vec<Planned> {
+    let Planned { read, want } = p;
+    let Want::Chunks { entries, all } = want else {
+        return vec![Planned { read, want }];
+    };
+    let mut runs: Vec<Vec<IndexEntry>> = Vec::new();
+    let mut bytes = 0u64;
+    for e in entries {
+        match runs.last_mut() {
+            Some(run) if bytes.saturating_add(e.byte_len) <= max_bytes => {
+                bytes = bytes.saturating_add(e.byte_len);
+                run.push(e);
+            }
+            _ => {
+                bytes = e.byte_len;
+                runs.push(vec![e]);
+            }
+        }
     }
-    let ranges: Vec<std::ops::Range<u64>> = wanted
+    let n = runs.len();
+    let source = read.source.clone();
+    let mut first = Some(read);
+    runs.into_iter()
+        .enumerate()
+        .map(|(i, entries)| {
+            let mut read = first.take().unwrap_or_else(|| SourceRead {
+                source: source.clone(),
+                chunks: Vec::new(),
+                problems: Vec::new(),
+                vanished: false,
+                fetched: 0,
+                last: true,
+            });
+            read.last = i + 1 == n;
+            Planned {
+                read,
+                want: Want::Chunks {
+                    entries,
+                    all: all && n == 1,
+                },
+            }
+        })
+        .collect()
+}
+
+/// Reads the chunks of `src` that `filter` may want (see the module doc), all at once.
+pub async fn read_source(
+    store: &Store,
+    src: &Source,
+    filter: &Filter,
+    limits: &Limits,
+) -> Result<SourceRead, ReadError> {
+    let p = plan_source(store, src, filter).await?;
+    read_planned(store, p, limits).await
+}
+
+/// Fetches and decodes what `p` says.
+async fn read_planned(store: &Store, p: Planned, limits: &Limits) -> Result<SourceRead, ReadError> {
+    let Planned { mut read, want } = p;
+    let key: Arc<str> = Arc::from(read.source.key.as_str());
+    let limits = *limits;
+    let (entries, all) = match want {
+        Want::Nothing => return Ok(read),
+        Want::Whole => {
+            read_whole(store, &key, &limits, &mut read).await?;
+            return Ok(read);
+        }
+        Want::Chunks { entries, all } => (entries, all),
+    };
+    let ranges: Vec<std::ops::Range<u64>> = entries
         .iter()
         .map(|e| e.byte_offset..e.byte_offset.saturating_add(e.byte_len))
         .collect();
-    let path = Path::from(src.key.as_str());
-    let fetched = if wanted.len() == entries.len() {
-        match store.get(&src.key).await {
+    let path = Path::from(read.source.key.as_str());
+    let fetched = if all {
+        match store.get(&read.source.key).await {
             Ok(all) => Ok(ranges
                 .iter()
                 .map(|r| {
@@ -688,14 +794,14 @@ pub async fn read_source(
             // A range past the end (a lying index) is damage, not a store failure.
             read.problems.push(format!(
                 "{}: ranged read failed ({e}); reading the whole segment",
-                src.key
+                read.source.key
             ));
             read_whole(store, &key, &limits, &mut read).await?;
             return Ok(read);
         }
     };
     read.fetched += parts.iter().map(|p| p.len() as u64).sum::<u64>();
-    let walls: Vec<(u64, (i64, i64))> = wanted
+    let walls: Vec<(u64, (i64, i64))> = entries
         .iter()
         .map(|e| (e.byte_offset, (e.wall_min_us, e.wall_max_us)))
         .collect();
@@ -817,7 +923,7 @@ pub struct Progress {
 }
 
 /// Plans `hours` (listing them in parallel), then reads every source with `parallel` reads in
-/// flight and hands them to `f` in order. An hour whose objects vanish under it (compacted
+/// flight and hands them to `f` in order, a source larger than [`PIECE_BYTES`] in pieces. An hour whose objects vanish under it (compacted
 /// meanwhile) is planned and read again at the end; `f` must drop what it saw already (a
 /// [`Scanner`] does).
 pub async fn read_hours(
@@ -826,6 +932,31 @@ pub async fn read_hours(
     filter: &Filter,
     limits: &Limits,
     parallel: usize,
+    progress: &Progress,
+    f: impl FnMut(SourceRead),
+) -> Result<(), ReadError> {
+    read_hours_in(
+        store,
+        hours,
+        filter,
+        limits,
+        parallel,
+        PIECE_BYTES,
+        progress,
+        f,
+    )
+    .await
+}
+
+/// [`read_hours`] with pieces of at most `piece_bytes`.
+#[allow(clippy::too_many_arguments)]
+async fn read_hours_in(
+    store: &Store,
+    hours: &[i64],
+    filter: &Filter,
+    limits: &Limits,
+    parallel: usize,
+    piece_bytes: u64,
     progress: &Progress,
     mut f: impl FnMut(SourceRead),
 ) -> Result<(), ReadError> {
@@ -836,13 +967,23 @@ pub async fn read_hours(
         progress
             .sources
             .fetch_add(todo.len() as u64, Ordering::Relaxed);
-        let mut reads =
-            futures::stream::iter(todo.iter().map(|s| read_source(store, s, filter, limits)))
-                .buffered(parallel);
+        let mut reads = futures::stream::iter(todo.iter().map(|s| plan_source(store, s, filter)))
+            .buffered(parallel)
+            .flat_map(|p| {
+                let pieces = match p {
+                    Ok(p) => pieces(p, piece_bytes).into_iter().map(Ok).collect(),
+                    Err(e) => vec![Err(e)],
+                };
+                futures::stream::iter(pieces)
+            })
+            .map(|p| async move { read_planned(store, p?, limits).await })
+            .buffered(parallel);
         let mut again = BTreeSet::new();
         while let Some(r) = reads.next().await {
             let r = r?;
-            progress.done.fetch_add(1, Ordering::Relaxed);
+            if r.last {
+                progress.done.fetch_add(1, Ordering::Relaxed);
+            }
             progress.bytes.fetch_add(r.fetched, Ordering::Relaxed);
             for p in &r.problems {
                 tracing::error!("{p}");
@@ -1013,6 +1154,66 @@ mod tests {
             .collect();
         assert_eq!(got, want);
         assert!(whole > 0);
+    }
+
+    /// A source larger than a piece is read in pieces, in order, each within the piece size
+    /// (but a chunk larger than it, alone); a piece of wanted chunks skips unwanted ones; the
+    /// progress counts sources, not pieces.
+    #[tokio::test]
+    async fn a_large_source_is_read_in_pieces_in_order() {
+        let store = Store::open("memory://").unwrap();
+        let p = raw_prefix(HOUR);
+        let chunks: Vec<Vec<u8>> = (0..10)
+            .map(|k| chunk(if k == 4 { "d2" } else { "d1" }, k * 100, 100))
+            .chain([chunk("d1", 1000, 2000)])
+            .collect();
+        let entries = put_segment(&store, &format!("{p}r0-a.seg.gz"), &chunks).await;
+        put_segment(&store, &format!("{p}r0-b.seg.gz"), &[chunk("d1", 3000, 5)]).await;
+        let one = entries[0].byte_len;
+        assert!(entries[10].byte_len > 3 * one, "the last chunk is larger");
+        let filter = Filter {
+            devices: Some(["d1".to_owned()].into()),
+            since_us: i64::MIN,
+            until_us: i64::MAX,
+        };
+        let progress = Progress::default();
+        let mut reads = Vec::new();
+        read_hours_in(
+            &store,
+            &[HOUR],
+            &filter,
+            &Limits::DEFAULT,
+            2,
+            3 * one,
+            &progress,
+            |r| reads.push(r),
+        )
+        .await
+        .unwrap();
+        let shape: Vec<(usize, bool)> = reads.iter().map(|r| (r.chunks.len(), r.last)).collect();
+        // d1's nine small chunks three to a piece, then the large one alone; then r0-b.
+        assert_eq!(
+            shape,
+            [(3, false), (3, false), (3, false), (1, true), (1, true)]
+        );
+        for r in &reads[..4] {
+            let bytes: u64 = r.chunks.iter().map(|c| c.len).sum();
+            assert!(r.chunks.len() == 1 || bytes <= 3 * one, "{bytes}");
+        }
+        let want: Vec<(String, u64)> = (0..400)
+            .chain(500..3005)
+            .map(|s| ("d1".to_owned(), s))
+            .collect();
+        assert_eq!(seqs(&reads), want);
+        assert_eq!(progress.done.load(Ordering::Relaxed), 2);
+        assert_eq!(progress.sources.load(Ordering::Relaxed), 2);
+        let whole = read_all(&store, HOUR, &filter).await;
+        assert_eq!(
+            whole.len(),
+            2,
+            "below the default piece size: one read a source"
+        );
+        assert_eq!(seqs(&whole), want);
     }
 
     #[tokio::test]
