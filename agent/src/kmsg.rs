@@ -87,14 +87,14 @@ pub fn unescape(text: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(text.len());
     let mut i = 0;
     while i < text.len() {
-        if text[i] == b'\\' && text.get(i + 1) == Some(&b'x') {
-            if let (Some(h), Some(l)) =
+        if text[i] == b'\\'
+            && text.get(i + 1) == Some(&b'x')
+            && let (Some(h), Some(l)) =
                 (text.get(i + 2).and_then(hex), text.get(i + 3).and_then(hex))
-            {
-                out.push(h << 4 | l);
-                i += 4;
-                continue;
-            }
+        {
+            out.push(h << 4 | l);
+            i += 4;
+            continue;
         }
         out.push(text[i]);
         i += 1;

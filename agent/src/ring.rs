@@ -773,7 +773,7 @@ impl<M: Region> Ring<M> {
 
     fn write_header(&mut self) {
         self.st.counter = self.st.counter.saturating_add(1);
-        let off = if self.st.counter % 2 == 0 {
+        let off = if self.st.counter.is_multiple_of(2) {
             0
         } else {
             SLOT_LEN

@@ -256,10 +256,8 @@ fn parse_3164(rest: &[u8]) -> Parts<'_> {
     if let Some(parts) = tag_word(rest) {
         return parts;
     }
-    if stamped {
-        if let Some(parts) = word(rest).and_then(|(_host, after)| tag_word(after)) {
-            return parts;
-        }
+    if stamped && let Some(parts) = word(rest).and_then(|(_host, after)| tag_word(after)) {
+        return parts;
     }
     (None, None, rest)
 }

@@ -26,7 +26,7 @@ fn sync(n: u64) -> SyncPoint {
     SyncPoint {
         mono_us: n,
         wall_us: 1_700_000_000_000_000 + n as i64,
-        synced: n % 2 == 0,
+        synced: n.is_multiple_of(2),
     }
 }
 

@@ -347,9 +347,9 @@ struct Size(u64);
 impl fmt::Display for Size {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let n = self.0;
-        if n != 0 && n % MIB == 0 {
+        if n != 0 && n.is_multiple_of(MIB) {
             write!(f, "{}M", n / MIB)
-        } else if n != 0 && n % 1024 == 0 {
+        } else if n != 0 && n.is_multiple_of(1024) {
             write!(f, "{}K", n / 1024)
         } else {
             write!(f, "{n}")

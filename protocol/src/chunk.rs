@@ -92,14 +92,14 @@ impl ChunkBuilder {
 
     /// Adds a record. A full builder hands the record back instead of dropping it.
     pub fn push(&mut self, rec: Record) -> Result<(), (EncodeError, Record)> {
-        if let Some(prev) = self.records.last() {
-            if rec.seq <= prev.seq {
-                let e = EncodeError::SequenceNotIncreasing {
-                    previous: prev.seq,
-                    next: rec.seq,
-                };
-                return Err((e, rec));
-            }
+        if let Some(prev) = self.records.last()
+            && rec.seq <= prev.seq
+        {
+            let e = EncodeError::SequenceNotIncreasing {
+                previous: prev.seq,
+                next: rec.seq,
+            };
+            return Err((e, rec));
         }
         if rec.msg.len() > self.limits.max_msg as usize {
             return Err((EncodeError::LimitExceeded("message length"), rec));

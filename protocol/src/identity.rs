@@ -71,7 +71,7 @@ impl FromStr for Fingerprint {
                 _ => return Err(FingerprintError::NotHex),
             };
             if digits < 64 {
-                out[digits / 2] |= if digits % 2 == 0 { v << 4 } else { v };
+                out[digits / 2] |= if digits.is_multiple_of(2) { v << 4 } else { v };
             }
             digits += 1;
             since_colon += 1;

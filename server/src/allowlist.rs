@@ -315,13 +315,13 @@ pub fn allow(path: &Path, fp: &Fingerprint, name: Option<&DeviceId>) -> anyhow::
     if let Some(e) = list.get(fp) {
         bail!("{fp} is already allowed (line {})", e.line);
     }
-    if let Some(n) = name {
-        if let Some(other) = list.named(n) {
-            bail!(
-                "device id {n} is already allowed for {other}; revoke that one first \
+    if let Some(n) = name
+        && let Some(other) = list.named(n)
+    {
+        bail!(
+            "device id {n} is already allowed for {other}; revoke that one first \
                  (one device id, one certificate)"
-            );
-        }
+        );
     }
     let mut out = text;
     if !out.is_empty() && !out.ends_with('\n') {

@@ -68,12 +68,12 @@ struct Inner {
 
 impl Inner {
     fn unindex(&mut self, fp: &Fingerprint, device: Option<&str>) {
-        if let Some(d) = device {
-            if let Some(v) = self.by_device.get_mut(d) {
-                v.retain(|f| f != fp);
-                if v.is_empty() {
-                    self.by_device.remove(d);
-                }
+        if let Some(d) = device
+            && let Some(v) = self.by_device.get_mut(d)
+        {
+            v.retain(|f| f != fp);
+            if v.is_empty() {
+                self.by_device.remove(d);
             }
         }
     }
@@ -166,17 +166,15 @@ impl Registry {
                 }
             }
             None => {
-                if inner.map.len() >= MAX_ENTRIES {
-                    if let Some(oldest) = inner
+                if inner.map.len() >= MAX_ENTRIES
+                    && let Some(oldest) = inner
                         .map
                         .iter()
                         .min_by_key(|(_, s)| s.last_seen)
                         .map(|(k, _)| *k)
-                    {
-                        if let Some(old) = inner.map.remove(&oldest) {
-                            inner.unindex(&oldest, old.device.as_deref());
-                        }
-                    }
+                    && let Some(old) = inner.map.remove(&oldest)
+                {
+                    inner.unindex(&oldest, old.device.as_deref());
                 }
                 inner.index(*fp, device);
                 inner.map.insert(

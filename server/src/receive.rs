@@ -467,13 +467,13 @@ async fn post_chunk(
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-    if let Some(len) = declared {
-        if len > max as u64 {
-            return Err(ApiError::TooLarge(
-                format!("body of {len} bytes, limit {max}"),
-                max,
-            ));
-        }
+    if let Some(len) = declared
+        && len > max as u64
+    {
+        return Err(ApiError::TooLarge(
+            format!("body of {len} bytes, limit {max}"),
+            max,
+        ));
     }
     // Within max_body, so it fits in usize and u32 (max_body is at most a few MiB).
     let reserve = declared.map_or(max, |l| l as usize).max(1);

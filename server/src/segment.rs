@@ -349,15 +349,15 @@ async fn recover(store: &Store, cfg: &SegmentConfig) -> anyhow::Result<Recent> {
                     .iter()
                     .filter_map(IndexEntry::chunk_id)
                     .for_each(|id| recent.insert(ChunkKey::of(&id)));
-            } else if let Some(base) = k.strip_suffix(".seg.gz") {
-                if !idx.contains(base) {
-                    let entries = reindex(store, k).await?;
-                    tracing::warn!(segment = %k, chunks = entries.len(), "re-indexed a segment whose index was missing");
-                    entries
-                        .iter()
-                        .filter_map(IndexEntry::chunk_id)
-                        .for_each(|id| recent.insert(ChunkKey::of(&id)));
-                }
+            } else if let Some(base) = k.strip_suffix(".seg.gz")
+                && !idx.contains(base)
+            {
+                let entries = reindex(store, k).await?;
+                tracing::warn!(segment = %k, chunks = entries.len(), "re-indexed a segment whose index was missing");
+                entries
+                    .iter()
+                    .filter_map(IndexEntry::chunk_id)
+                    .for_each(|id| recent.insert(ChunkKey::of(&id)));
             }
         }
     }

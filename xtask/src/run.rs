@@ -165,10 +165,10 @@ pub(crate) fn run(args: RunArgs) -> Result<()> {
         if let Some(status) = server.exited()? {
             break Err(anyhow!("blackbox-server exited on its own ({status})"));
         }
-        if let Some(agent) = agent.as_mut() {
-            if let Some(status) = agent.exited()? {
-                break Err(anyhow!("blackbox-agent exited on its own ({status})"));
-            }
+        if let Some(agent) = agent.as_mut()
+            && let Some(status) = agent.exited()?
+        {
+            break Err(anyhow!("blackbox-agent exited on its own ({status})"));
         }
         sleep(POLL);
     };

@@ -80,10 +80,10 @@ impl KmsgWriter {
     /// Opens `path` for writing (appending, for a regular file). For /dev/kmsg itself the
     /// kernel's rate limit on writers is lifted first ([`lift_devkmsg_ratelimit`]).
     pub fn open(path: &Path) -> anyhow::Result<Self> {
-        if path == Path::new("/dev/kmsg") {
-            if let Some(msg) = lift_devkmsg_ratelimit(Path::new(DEVKMSG_SYSCTL)) {
-                eprintln!("blackbox-agent: {msg}");
-            }
+        if path == Path::new("/dev/kmsg")
+            && let Some(msg) = lift_devkmsg_ratelimit(Path::new(DEVKMSG_SYSCTL))
+        {
+            eprintln!("blackbox-agent: {msg}");
         }
         let file = OpenOptions::new()
             .append(true)

@@ -130,10 +130,11 @@ pub(crate) fn assemble(board: &Board, q: &Qemu, dir: &Path, with: &Contents<'_>)
         list.push_str(&name.to_string_lossy());
         // busybox insmod does not read /proc/cmdline: a module's parameters go on its line.
         // ramoops finds a device-tree board's region in the device tree.
-        if ko.file_stem().is_some_and(|s| s == "ramoops") && board.reserve == Reserve::Memmap {
-            if let Some(p) = board.ramoops_params() {
-                write!(list, " {p}")?;
-            }
+        if ko.file_stem().is_some_and(|s| s == "ramoops")
+            && board.reserve == Reserve::Memmap
+            && let Some(p) = board.ramoops_params()
+        {
+            write!(list, " {p}")?;
         }
         list.push('\n');
     }
