@@ -771,16 +771,18 @@ async fn read_planned(store: &Store, p: Planned, limits: &Limits) -> Result<Sour
         .collect();
     let path = Path::from(read.source.key.as_str());
     let fetched = if all {
-        match store.get(&read.source.key).await {
-            Ok(all) => Ok(ranges
+        store.get(&read.source.key).await.map(|object| {
+            ranges
                 .iter()
                 .map(|r| {
                     let (a, b) = (r.start as usize, r.end as usize);
-                    all.get(a..b).map(|s| all.slice_ref(s)).unwrap_or_default()
+                    object
+                        .get(a..b)
+                        .map(|s| object.slice_ref(s))
+                        .unwrap_or_default()
                 })
-                .collect::<Vec<_>>()),
-            Err(e) => Err(e),
-        }
+                .collect::<Vec<_>>()
+        })
     } else {
         store.object_store().get_ranges(&path, &ranges).await
     };

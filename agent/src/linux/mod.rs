@@ -391,16 +391,14 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
                 let sync = sync_point(&cfg.synced_flag);
                 for ev in batch {
                     match (&mut held, ev) {
-                        (Some(h), Event::CaughtUp) => {
-                            let h = std::mem::take(h);
-                            held = None;
-                            settle_backlog(&mut buf, &cfg, previous, resume, h)?;
-                            pstore = collect_pstore(&mut buf, &cfg, previous)?;
-                        }
                         (Some(h), ev) => {
-                            held_bytes += event_size(&ev);
-                            h.push(ev);
-                            if held_bytes > HELD_MAX_BYTES {
+                            let caught_up = matches!(ev, Event::CaughtUp);
+                            if !caught_up {
+                                held_bytes += event_size(&ev);
+                                h.push(ev);
+                            }
+                            let full = held_bytes > HELD_MAX_BYTES;
+                            if full {
                                 // The kernel's buffer is far smaller than this: records are
                                 // arriving as fast as they are read. Settle what is held; what
                                 // follows belongs to this boot.
@@ -408,6 +406,8 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
                                     "blackbox-agent: the start-up backlog passed {} MiB before the reader caught up; settling it now",
                                     HELD_MAX_BYTES >> 20
                                 );
+                            }
+                            if caught_up || full {
                                 let h = std::mem::take(h);
                                 held = None;
                                 settle_backlog(&mut buf, &cfg, previous, resume, h)?;
