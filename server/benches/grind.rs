@@ -200,7 +200,7 @@ fn main() {
         r.events(
             ground
                 .iter()
-                .flat_map(|g| g.events.iter().map(|e| (&e.series, e.wall_us))),
+                .flat_map(|g| g.events.iter().map(|e| (&g.series[e.series], e.wall_us))),
         );
         std::hint::black_box(r);
     });

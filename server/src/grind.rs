@@ -164,6 +164,8 @@ pub struct GroundChunk {
     pub ndjson: Vec<u8>,
     /// One per event, in the same order.
     pub events: Vec<EventMeta>,
+    /// The metric series the events count in, each once ([`EventMeta::series`] indexes it).
+    pub series: Vec<SeriesKey>,
     /// Lines that did not parse.
     pub bad_lines: u64,
 }
@@ -177,8 +179,8 @@ pub struct EventMeta {
     pub wall_us: i64,
     /// Its NDJSON line (with the `\n`) in [`GroundChunk::ndjson`].
     pub line: std::ops::Range<usize>,
-    /// The metric series it counts in.
-    pub series: SeriesKey,
+    /// The metric series it counts in: its index in [`GroundChunk::series`].
+    pub series: usize,
 }
 
 /// Applies the rules to every line of a chunk and writes the events' lines.
@@ -189,6 +191,7 @@ pub fn grind_chunk(c: &Decoded, rules: &Rules) -> GroundChunk {
         seqs: Vec::with_capacity(c.header.record_count as usize),
         ndjson: Vec::new(),
         events: Vec::new(),
+        series: Vec::new(),
         bad_lines: 0,
     };
     // The fields every event of the chunk shares, escaped once.
@@ -209,7 +212,9 @@ pub fn grind_chunk(c: &Decoded, rules: &Rules) -> GroundChunk {
         }
     }
     let msgs: Vec<&[u8]> = fields.iter().map(|f| f.msg.as_bytes()).collect();
-    let (ndjson, events) = (&mut g.ndjson, &mut g.events);
+    let (ndjson, events, series) = (&mut g.ndjson, &mut g.events, &mut g.series);
+    // Series by rule: the places in `series` of each rule's series met so far.
+    let mut by_rule: Vec<Vec<usize>> = vec![Vec::new(); rules.len()];
     rules.for_each_match(&msgs, |i, h| {
         let Some(f) = fields.get(i) else {
             return;
@@ -217,19 +222,36 @@ pub fn grind_chunk(c: &Decoded, rules: &Rules) -> GroundChunk {
         let wall_us = c.header.sync.wall_of(f.mono_us);
         let start = ndjson.len();
         write_event(ndjson, &h, &shared, f.seq, wall_us, f.level, &f.msg);
-        let rule = h.rule;
-        let series = (
-            rule.name.clone(),
-            rule.metric_labels
-                .iter()
-                .map(|k| (k.clone(), h.label(k).unwrap_or_default().into_owned()))
-                .collect(),
-        );
+        let Some(known) = by_rule.get_mut(h.index) else {
+            return;
+        };
+        let same = |k: &usize| {
+            series.get(*k).is_some_and(|(_, labels): &SeriesKey| {
+                labels
+                    .iter()
+                    .all(|(name, v)| h.label(name).unwrap_or_default() == v.as_str())
+            })
+        };
+        let at = match known.iter().copied().find(same) {
+            Some(k) => k,
+            None => {
+                let rule = h.rule;
+                series.push((
+                    rule.name.clone(),
+                    rule.metric_labels
+                        .iter()
+                        .map(|k| (k.clone(), h.label(k).unwrap_or_default().into_owned()))
+                        .collect(),
+                ));
+                known.push(series.len() - 1);
+                series.len() - 1
+            }
+        };
         events.push(EventMeta {
             seq: f.seq,
             wall_us,
             line: start..ndjson.len(),
-            series,
+            series: at,
         });
     });
     g
@@ -832,8 +854,11 @@ impl Grinder {
                     .with_context(|| format!("writing events {key}"))?;
                 self.fault("after-events-put");
             }
-            self.reducer
-                .events(events.iter().map(|(_, e)| (&e.series, e.wall_us)));
+            self.reducer.events(
+                events
+                    .iter()
+                    .filter_map(|(c, e)| Some((c.series.get(e.series)?, e.wall_us))),
+            );
             let lines: u64 = g.chunks.iter().map(|c| c.seqs.len() as u64).sum();
             let bad: u64 =
                 g.chunks.iter().map(|c| c.bad_lines).sum::<u64>() + g.read.problems.len() as u64;
@@ -1035,7 +1060,7 @@ regex = '(?P<byte>\xC3)'
                             (k.clone(), v)
                         })
                         .collect();
-                    assert_eq!(meta.series, (m.rule.name.clone(), series));
+                    assert_eq!(g.series[meta.series], (m.rule.name.clone(), series));
                 }
             }
             assert_eq!(lines.next(), None);

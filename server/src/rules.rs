@@ -161,6 +161,8 @@ struct Scratch {
 pub struct Hit<'r, 'm> {
     /// The rule.
     pub rule: &'r Rule,
+    /// Its place in the rules file (from 0).
+    pub index: usize,
     msg: &'m [u8],
     caps: &'m Captures,
 }
@@ -344,7 +346,15 @@ impl Rules {
                     rule.re.search_captures_with(cache, &Input::new(msg), caps);
                 }
                 if caps.is_match() {
-                    f(m, Hit { rule, msg, caps });
+                    f(
+                        m,
+                        Hit {
+                            rule,
+                            index: i,
+                            msg,
+                            caps,
+                        },
+                    );
                 }
             }
         }
