@@ -1,5 +1,5 @@
 //! Writes the seed corpus of the `ring_recover` fuzz target: a handful of small inputs in its
-//! format (see the docs of `fuzz_targets/ring_recover.rs`): real ring images for the raw,
+//! format (see the docs of `src/ring_recover.rs`): real ring images for the raw,
 //! blocks and whole modes (trailing zeros cut, the target pads them back), and control bytes
 //! alone for the xor mode (an empty payload leaves the target's lived-in ring as it is).
 //! Deterministic, so re-running it reproduces the committed files byte for byte.
@@ -11,11 +11,13 @@
 
 use std::path::PathBuf;
 
-use blackbox_agent::ring::{self, Entry, HEADER_LEN, Kind, Ring, RingConfig};
-use blackbox_protocol::{BootId, SyncPoint};
+use blackbox_agent::ring::{HEADER_LEN, Ring, RingConfig};
+use blackbox_protocol::SyncPoint;
+use blackbox_protocol_fuzz::ring_recover::{
+    OTHER_BOOT, REGION, REPAIR, WITH_GAP, WRITER, log_entry, overrun_gap,
+};
 
-// The target's input format.
-const REGION: usize = 16 * 1024;
+// The target's input format (the rest is the target's own: `REGION`, `REPAIR`, ...).
 const BS_256: u8 = 0;
 const BS_512: u8 = 1;
 const BS_1024: u8 = 2;
@@ -24,15 +26,10 @@ const MODE_RAW: u8 = 0 << 2;
 const MODE_BLOCKS: u8 = 1 << 2;
 const MODE_WHOLE: u8 = 2 << 2;
 const MODE_XOR: u8 = 3 << 2;
-const REPAIR: u8 = 1 << 4;
-const OTHER_BOOT: u8 = 1 << 5;
-const WITH_GAP: u8 = 1 << 6;
 /// Byte 2: acknowledge everything, append `n` records.
 const fn ops(acks: u8, appends: u8) -> u8 {
     (acks & 15) | (((appends - 1) & 7) << 4)
 }
-/// The boot the target formats with (and opens as, unless `OTHER_BOOT`).
-const WRITER: BootId = BootId([0xb0; 16]);
 
 fn sync(mono_us: u64) -> SyncPoint {
     SyncPoint {
@@ -62,28 +59,9 @@ fn image(bs: u32, records: u64) -> Vec<u8> {
     for k in 0..records {
         let t = 1_000_000 + 1_700 * k;
         let e = if k == 2 {
-            Entry {
-                kind: Kind::Gap {
-                    last: seq + 3,
-                    count: 4,
-                },
-                seq,
-                mono_us: t,
-                level: 4,
-                facility: 0,
-                origin: ring::origin::AGENT,
-                msg: b"kmsg buffer overrun",
-            }
+            overrun_gap(seq, seq + 3, 4, t)
         } else {
-            Entry {
-                kind: Kind::Log,
-                seq,
-                mono_us: t,
-                level: 6,
-                facility: 0,
-                origin: ring::origin::KMSG,
-                msg: lines[k as usize % lines.len()],
-            }
+            log_entry(seq, t, 6, 0, lines[k as usize % lines.len()])
         };
         r.append(&WRITER, &e, &sync(t)).expect("append");
         seq = e.last_seq() + 1;
