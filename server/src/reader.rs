@@ -630,8 +630,14 @@ enum Want {
     Nothing,
     /// No usable index: the whole object, walking its gzip headers.
     Whole,
-    /// These chunks; `all` when they are every chunk of the object (one GET then).
-    Chunks { entries: Vec<IndexEntry>, all: bool },
+    /// These chunks; `all` when they are every chunk of the object (one GET then). `alone`:
+    /// they are not a piece of a larger read, so a ranged read that fails (an index that does
+    /// not match its object) may fall back to reading the whole object.
+    Chunks {
+        entries: Vec<IndexEntry>,
+        all: bool,
+        alone: bool,
+    },
 }
 
 /// A source (or a piece of one) with what to read of it.
@@ -686,6 +692,7 @@ async fn plan_source(store: &Store, src: &Source, filter: &Filter) -> Result<Pla
                 Want::Chunks {
                     all: wanted.len() == n,
                     entries: wanted,
+                    alone: true,
                 }
             }
         }
@@ -698,7 +705,7 @@ async fn plan_source(store: &Store, src: &Source, filter: &Filter) -> Result<Pla
 /// the last is marked [`SourceRead::last`].
 fn pieces(p: Planned, max_bytes: u64) -> Vec<Planned> {
     let Planned { read, want } = p;
-    let Want::Chunks { entries, all } = want else {
+    let Want::Chunks { entries, all, .. } = want else {
         return vec![Planned { read, want }];
     };
     let mut runs: Vec<Vec<IndexEntry>> = Vec::new();
@@ -735,6 +742,7 @@ fn pieces(p: Planned, max_bytes: u64) -> Vec<Planned> {
                 want: Want::Chunks {
                     entries,
                     all: all && n == 1,
+                    alone: n == 1,
                 },
             }
         })
@@ -757,13 +765,17 @@ async fn read_planned(store: &Store, p: Planned, limits: &Limits) -> Result<Sour
     let Planned { mut read, want } = p;
     let key: Arc<str> = Arc::from(read.source.key.as_str());
     let limits = *limits;
-    let (entries, all) = match want {
+    let (entries, all, alone) = match want {
         Want::Nothing => return Ok(read),
         Want::Whole => {
             read_whole(store, &key, &limits, &mut read).await?;
             return Ok(read);
         }
-        Want::Chunks { entries, all } => (entries, all),
+        Want::Chunks {
+            entries,
+            all,
+            alone,
+        } => (entries, all, alone),
     };
     let ranges: Vec<std::ops::Range<u64>> = entries
         .iter()
@@ -792,13 +804,26 @@ async fn read_planned(store: &Store, p: Planned, limits: &Limits) -> Result<Sour
             read.vanished = true;
             return Ok(read);
         }
-        Err(e) => {
-            // A range past the end (a lying index) is damage, not a store failure.
+        // A range past the end (a lying index) is damage, not a store failure.
+        Err(e) if alone => {
             read.problems.push(format!(
                 "{}: ranged read failed ({e}); reading the whole segment",
                 read.source.key
             ));
             read_whole(store, &key, &limits, &mut read).await?;
+            return Ok(read);
+        }
+        // A piece of a large object: reading all of it for each piece would hold it whole.
+        Err(e) => {
+            let (first, last) = (entries.first(), entries.last());
+            read.problems.push(format!(
+                "{}: ranged read of bytes {}..{} failed ({e}); its {} chunk(s) there are not \
+                 read: the index does not match the object (zcat reads it whole)",
+                read.source.key,
+                first.map_or(0, |e| e.byte_offset),
+                last.map_or(0, |e| e.byte_offset.saturating_add(e.byte_len)),
+                entries.len()
+            ));
             return Ok(read);
         }
     };
@@ -1209,6 +1234,73 @@ mod tests {
         assert_eq!(seqs(&reads), want);
         assert_eq!(progress.done.load(Ordering::Relaxed), 2);
         assert_eq!(progress.sources.load(Ordering::Relaxed), 2);
+        // An index whose last entry lies past the object's end: that piece is named as
+        // damage, the others are read; a read of the whole source falls back to walking it.
+        let key = format!("{p}r0-a.seg.gz");
+        let mut lying = entries.clone();
+        if let Some(e) = lying.last_mut() {
+            e.byte_offset += 1 << 20;
+        }
+        let idx: Vec<u8> = lying
+            .iter()
+            .flat_map(|e| {
+                let mut l = serde_json::to_vec(e).unwrap();
+                l.push(b'\n');
+                l
+            })
+            .collect();
+        store.put(&idx_key(&key), idx).await.unwrap();
+        let mut damaged = Vec::new();
+        read_hours_in(
+            &store,
+            &[HOUR],
+            &filter,
+            &Limits::DEFAULT,
+            2,
+            3 * one,
+            &Progress::default(),
+            |r| damaged.push(r),
+        )
+        .await
+        .unwrap();
+        let problems: Vec<&String> = damaged.iter().flat_map(|r| &r.problems).collect();
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(
+            problems[0].contains("ranged read of bytes") && problems[0].contains("1 chunk(s)"),
+            "{problems:?}"
+        );
+        let want_damaged: Vec<(String, u64)> = (0..400)
+            .chain(500..1000)
+            .chain(3000..3005)
+            .map(|s| ("d1".to_owned(), s))
+            .collect();
+        assert_eq!(seqs(&damaged), want_damaged);
+        let src = Source {
+            key: key.clone(),
+            hour: HOUR,
+            device: None,
+        };
+        let alone = read_source(&store, &src, &filter, &Limits::DEFAULT)
+            .await
+            .unwrap();
+        assert!(
+            alone.problems[0].contains("reading the whole segment"),
+            "{:?}",
+            alone.problems
+        );
+        // Walking the whole object yields every chunk (the caller's scanner filters).
+        let walked = seqs(&[alone]);
+        let d1: Vec<u64> = walked
+            .iter()
+            .filter(|(d, _)| d == "d1")
+            .map(|(_, s)| *s)
+            .collect();
+        assert!(
+            d1.iter().copied().eq((0..400).chain(500..3000)),
+            "{} d1 lines",
+            d1.len()
+        );
+        put_segment(&store, &key, &chunks).await;
         let whole = read_all(&store, HOUR, &filter).await;
         assert_eq!(
             whole.len(),
