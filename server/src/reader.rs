@@ -1203,20 +1203,24 @@ mod tests {
             since_us: i64::MIN,
             until_us: i64::MAX,
         };
+        let in_pieces = async |progress: &Progress| {
+            let mut reads = Vec::new();
+            read_hours_in(
+                &store,
+                &[HOUR],
+                &filter,
+                &Limits::DEFAULT,
+                2,
+                3 * one,
+                progress,
+                |r| reads.push(r),
+            )
+            .await
+            .unwrap();
+            reads
+        };
         let progress = Progress::default();
-        let mut reads = Vec::new();
-        read_hours_in(
-            &store,
-            &[HOUR],
-            &filter,
-            &Limits::DEFAULT,
-            2,
-            3 * one,
-            &progress,
-            |r| reads.push(r),
-        )
-        .await
-        .unwrap();
+        let reads = in_pieces(&progress).await;
         let shape: Vec<(usize, bool)> = reads.iter().map(|r| (r.chunks.len(), r.last)).collect();
         // d1's nine small chunks three to a piece, then the large one alone; then r0-b.
         assert_eq!(
@@ -1250,19 +1254,7 @@ mod tests {
             })
             .collect();
         store.put(&idx_key(&key), idx).await.unwrap();
-        let mut damaged = Vec::new();
-        read_hours_in(
-            &store,
-            &[HOUR],
-            &filter,
-            &Limits::DEFAULT,
-            2,
-            3 * one,
-            &Progress::default(),
-            |r| damaged.push(r),
-        )
-        .await
-        .unwrap();
+        let damaged = in_pieces(&Progress::default()).await;
         let problems: Vec<&String> = damaged.iter().flat_map(|r| &r.problems).collect();
         assert_eq!(problems.len(), 1, "{problems:?}");
         assert!(
