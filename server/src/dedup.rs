@@ -99,6 +99,13 @@ impl Runs {
         true
     }
 
+    /// Adds every run of `other`.
+    pub fn absorb(&mut self, other: &Runs) {
+        for (&a, &b) in &other.0 {
+            self.insert_run(a, b);
+        }
+    }
+
     /// Number of runs.
     pub fn len(&self) -> usize {
         self.0.len()
@@ -122,6 +129,23 @@ impl Seen {
         self.map
             .entry((device.to_owned(), boot.to_owned()))
             .or_default()
+    }
+
+    /// The runs of one (device, boot), if any were seen.
+    pub fn get(&self, device: &str, boot: &str) -> Option<&Runs> {
+        self.map.get(&(device.to_owned(), boot.to_owned()))
+    }
+
+    /// Adds everything `other` saw.
+    pub fn absorb(&mut self, other: Seen) {
+        for ((device, boot), runs) in other.map {
+            match self.map.get_mut(&(device.clone(), boot.clone())) {
+                Some(mine) => mine.absorb(&runs),
+                None => {
+                    self.map.insert((device, boot), runs);
+                }
+            }
+        }
     }
 
     /// Every (device, boot) and its runs.
@@ -177,6 +201,24 @@ mod tests {
             vec![(10, 40), (u64::MAX, u64::MAX)]
         );
         assert_eq!(Runs::from(Vec::<(u64, u64)>::from(r.clone())), r);
+    }
+
+    #[test]
+    fn seen_absorbs_another_seen_run_by_run() {
+        let mut a = Seen::default();
+        a.runs("d1", "b").insert_run(0, 9);
+        a.runs("d1", "b").insert_run(20, 29);
+        let mut b = Seen::default();
+        b.runs("d1", "b").insert_run(10, 14);
+        b.runs("d1", "b").insert_run(30, 30);
+        b.runs("d2", "b").insert_run(5, 5);
+        a.absorb(b);
+        assert_eq!(
+            a.get("d1", "b").map(|r| Vec::<(u64, u64)>::from(r.clone())),
+            Some(vec![(0, 14), (20, 30)])
+        );
+        assert!(a.get("d2", "b").is_some_and(|r| r.contains(5)));
+        assert!(a.get("d3", "b").is_none());
     }
 
     #[test]

@@ -93,6 +93,9 @@ pub struct GrindConfig {
     pub once: bool,
     /// Objects read and ground at once.
     pub parallel: usize,
+    /// A source larger than this (compressed bytes) is read and ground in pieces of about
+    /// this size, so the grinder holds `parallel` pieces rather than whole objects.
+    pub piece_bytes: u64,
     /// Test hook: abort at a named point (`after-events-put`, `after-checkpoint`), after it
     /// was passed this many times.
     pub fault: Option<(String, u64)>,
@@ -111,6 +114,7 @@ impl Default for GrindConfig {
             from_hour: None,
             once: false,
             parallel: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            piece_bytes: reader::PIECE_BYTES,
             fault: None,
         }
     }
@@ -412,6 +416,11 @@ fn was_ground(ckpt: &Checkpoint, key: &str) -> bool {
     }
 }
 
+/// The gzip writer of an events object (level 1: see [`events_bytes`]).
+fn events_encoder(capacity: usize) -> flate2::write::GzEncoder<Vec<u8>> {
+    flate2::write::GzEncoder::new(Vec::with_capacity(capacity), flate2::Compression::fast())
+}
+
 /// Gzip of NDJSON lines given in a few large parts (each chunk's [`GroundChunk::ndjson`], or
 /// runs of it), compressed in large writes: tiny writes into the encoder cost more than
 /// everything else the grinder does. Level 1 (zlib-rs's quick deflate) compresses the events
@@ -421,10 +430,7 @@ pub fn events_bytes<'a>(parts: impl IntoIterator<Item = &'a [u8]>) -> Vec<u8> {
     use std::io::Write;
     let parts: Vec<&[u8]> = parts.into_iter().collect();
     let len: usize = parts.iter().map(|p| p.len()).sum();
-    let mut enc = flate2::write::GzEncoder::new(
-        Vec::with_capacity(len / 8 + 64),
-        flate2::Compression::fast(),
-    );
+    let mut enc = events_encoder(len / 8 + 64);
     for p in parts {
         // Writing into memory cannot fail.
         let _ = enc.write_all(p);
@@ -619,29 +625,37 @@ impl Grinder {
         Ok(())
     }
 
-    /// Drops duplicates (by identity) from a ground source; returns its events in order, each
-    /// with the chunk whose `ndjson` holds its line.
-    fn dedupe<'g>(&mut self, g: &'g Ground) -> Vec<(&'g GroundChunk, &'g EventMeta)> {
+    /// Drops duplicates (by identity) from a piece of a source: what the grinder has seen, and
+    /// what `local` (the source's earlier pieces) holds. Returns its events in order, each with
+    /// the chunk whose `ndjson` holds its line, and adds its identities to `local` (they join
+    /// the seen ones when the whole source is done).
+    fn dedupe_piece<'g>(
+        &mut self,
+        g: &'g Ground,
+        local: &mut Seen,
+    ) -> Vec<(&'g GroundChunk, &'g EventMeta)> {
         let mut out = Vec::new();
         for c in &g.chunks {
             self.stamps
                 .insert((c.device.clone(), c.boot.clone()), g.read.source.hour);
-            let runs = self.seen.runs(&c.device, &c.boot);
             let (Some(&lo), Some(&hi)) = (c.seqs.iter().min(), c.seqs.iter().max()) else {
                 continue;
             };
-            match runs.overlap(lo, hi) {
-                Overlap::All => {}
-                Overlap::None => {
+            let seen = self.seen.get(&c.device, &c.boot);
+            let runs = local.runs(&c.device, &c.boot);
+            let before = seen.map_or(Overlap::None, |r| r.overlap(lo, hi));
+            match (before, runs.overlap(lo, hi)) {
+                (Overlap::All, _) | (_, Overlap::All) => {}
+                (Overlap::None, Overlap::None) => {
                     for &s in &c.seqs {
                         runs.insert_run(s, s);
                     }
                     out.extend(c.events.iter().map(|e| (c, e)));
                 }
-                Overlap::Some => {
+                _ => {
                     let mut new = BTreeSet::new();
                     for &s in &c.seqs {
-                        if runs.insert(s) {
+                        if !seen.is_some_and(|r| r.contains(s)) && runs.insert(s) {
                             new.insert(s);
                         }
                     }
@@ -807,20 +821,30 @@ impl Grinder {
         Ok(idle)
     }
 
-    /// Reads and grinds `todo` (`parallel` at a time), then in order: drops duplicates, writes
-    /// each source's events, marks it done. Returns how many were done (vanished ones are not).
+    /// Reads and grinds `todo` (`parallel` pieces at a time, a large source in pieces of
+    /// `piece_bytes`), then in order: drops duplicates, gzips the events as they come, and when
+    /// a source's last piece is done writes its events object, counts them and marks the source
+    /// done. Returns how many were done (vanished ones are not: nothing of them counts).
     async fn grind_sources(
         &mut self,
         todo: Vec<Source>,
         rules: &Arc<Rules>,
     ) -> anyhow::Result<usize> {
         let store = self.store.clone();
-        let mut stream = futures::stream::iter(todo.into_iter().map(|src| {
-            let store = store.clone();
+        let (filter, limits) = (Filter::all(), Limits::DEFAULT);
+        let parallel = self.cfg.parallel.max(1);
+        let mut stream = reader::read_pieces(
+            &store,
+            &todo,
+            &filter,
+            &limits,
+            parallel,
+            self.cfg.piece_bytes,
+        )
+        .map(|read| {
             let rules = rules.clone();
             async move {
-                let read =
-                    reader::read_source(&store, &src, &Filter::all(), &Limits::DEFAULT).await?;
+                let read = read?;
                 let ground = tokio::task::spawn_blocking(move || {
                     let chunks = read.chunks.iter().map(|c| grind_chunk(c, &rules)).collect();
                     let inflated = read.chunks.iter().map(|c| c.raw.len() as u64).sum();
@@ -833,54 +857,92 @@ impl Grinder {
                 .await?;
                 anyhow::Ok(ground)
             }
-        }))
-        .buffered(self.cfg.parallel.max(1));
+        })
+        .buffered(parallel);
         let mut done = 0;
+        let mut source: Option<SourceGrind> = None;
         while let Some(g) = stream.next().await {
             let mut g = g?;
             for p in &g.read.problems {
                 tracing::error!("{p}");
             }
+            let sg = source.get_or_insert_with(SourceGrind::default);
+            sg.problems += g.read.problems.len() as u64;
             if g.read.vanished {
-                tracing::info!(key = %g.read.source.key, "object compacted away before it was ground; its hour is planned again");
+                sg.vanished = true;
+            } else if !sg.vanished {
+                let events = self.dedupe_piece(&g, &mut sg.seen);
+                if !events.is_empty() {
+                    let enc = sg.events.get_or_insert_with(|| events_encoder(64 << 10));
+                    for part in event_lines(&events) {
+                        // Writing into memory cannot fail.
+                        let _ = std::io::Write::write_all(enc, part);
+                    }
+                }
+                sg.counts.events(
+                    events
+                        .iter()
+                        .filter_map(|(c, e)| Some((c.series.get(e.series)?, e.wall_us))),
+                );
+                sg.lines += g.chunks.iter().map(|c| c.seqs.len() as u64).sum::<u64>();
+                sg.bad += g.chunks.iter().map(|c| c.bad_lines).sum::<u64>();
+                sg.inflated += g.inflated;
+            }
+            g.read.chunks.clear();
+            if !g.read.last {
                 continue;
             }
-            let events = self.dedupe(&g);
-            let key = events_key(&self.cfg.events_prefix, &g.read.source);
-            if !events.is_empty() {
+            let Some(sg) = source.take() else { continue };
+            let src = &g.read.source;
+            if sg.vanished {
+                tracing::info!(key = %src.key, "object compacted away before it was ground; its hour is planned again");
+                continue;
+            }
+            if let Some(enc) = sg.events {
+                let key = events_key(&self.cfg.events_prefix, src);
                 self.store
-                    .put(&key, events_bytes(event_lines(&events)))
+                    .put(&key, enc.finish().unwrap_or_default())
                     .await
                     .with_context(|| format!("writing events {key}"))?;
                 self.fault("after-events-put");
             }
-            self.reducer.events(
-                events
-                    .iter()
-                    .filter_map(|(c, e)| Some((c.series.get(e.series)?, e.wall_us))),
-            );
-            let lines: u64 = g.chunks.iter().map(|c| c.seqs.len() as u64).sum();
-            let bad: u64 =
-                g.chunks.iter().map(|c| c.bad_lines).sum::<u64>() + g.read.problems.len() as u64;
+            self.seen.absorb(sg.seen);
+            self.reducer.absorb(sg.counts);
             self.reducer.object(
-                lines,
-                g.inflated,
-                bad,
-                stored_at(&g.read.source.key).map(|t| now_us() - t),
+                sg.lines,
+                sg.inflated,
+                sg.bad + sg.problems,
+                stored_at(&src.key).map(|t| now_us() - t),
             );
-            g.read.chunks.clear();
             self.ckpt
                 .hours
-                .entry(g.read.source.hour)
+                .entry(src.hour)
                 .or_default()
                 .done
-                .insert(g.read.source.key.clone());
+                .insert(src.key.clone());
             self.dirty = true;
             done += 1;
             self.save_if_due().await?;
         }
         Ok(done)
     }
+}
+
+/// A source being ground, piece by piece: what its pieces gave so far.
+#[derive(Default)]
+struct SourceGrind {
+    /// Its events' lines, gzipped as they come (from its first event).
+    events: Option<flate2::write::GzEncoder<Vec<u8>>>,
+    /// Its identities (not yet among the grinder's seen ones).
+    seen: Seen,
+    /// Its events' counts (not yet in the grinder's reducer).
+    counts: Reducer,
+    lines: u64,
+    bad: u64,
+    problems: u64,
+    inflated: u64,
+    /// A piece found the object gone: nothing of it counts.
+    vanished: bool,
 }
 
 /// The lines of `events` as few slices as possible: runs of events adjacent in one chunk's

@@ -119,6 +119,11 @@ struct GrindArgs {
     /// Objects read and ground at once (default: the number of cores).
     #[arg(long)]
     parallel: Option<usize>,
+    /// A larger object (a device's day roll-up) is read and ground in pieces of about this
+    /// many compressed bytes: memory is about `--parallel` pieces, inflated, plus each
+    /// object's events so far, gzipped.
+    #[arg(long, default_value_t = blackbox_server::reader::PIECE_BYTES)]
+    piece_bytes: u64,
     /// Test hook: POINT[:N] aborts at POINT (after-events-put, after-checkpoint) after passing
     /// it N times.
     #[arg(long, hide = true)]
@@ -445,6 +450,7 @@ async fn grind_cmd(a: GrindArgs) -> anyhow::Result<()> {
         from_hour,
         once: a.once,
         fault,
+        piece_bytes: a.piece_bytes.max(1),
         ..Default::default()
     };
     if let Some(p) = a.parallel {

@@ -749,6 +749,29 @@ fn pieces(p: Planned, max_bytes: u64) -> Vec<Planned> {
         .collect()
 }
 
+/// Reads `todo` in order, `parallel` reads in flight, a source larger than `piece_bytes` in
+/// pieces ([`SourceRead::last`] marks a source's last piece).
+pub fn read_pieces<'a>(
+    store: &'a Store,
+    todo: &'a [Source],
+    filter: &'a Filter,
+    limits: &'a Limits,
+    parallel: usize,
+    piece_bytes: u64,
+) -> impl futures::Stream<Item = Result<SourceRead, ReadError>> + 'a {
+    futures::stream::iter(todo.iter().map(move |s| plan_source(store, s, filter)))
+        .buffered(parallel.max(1))
+        .flat_map(move |p| {
+            let pieces = match p {
+                Ok(p) => pieces(p, piece_bytes).into_iter().map(Ok).collect(),
+                Err(e) => vec![Err(e)],
+            };
+            futures::stream::iter(pieces)
+        })
+        .map(move |p| async move { read_planned(store, p?, limits).await })
+        .buffered(parallel.max(1))
+}
+
 /// Reads the chunks of `src` that `filter` may want (see the module doc), all at once.
 pub async fn read_source(
     store: &Store,
@@ -994,17 +1017,7 @@ async fn read_hours_in(
         progress
             .sources
             .fetch_add(todo.len() as u64, Ordering::Relaxed);
-        let mut reads = futures::stream::iter(todo.iter().map(|s| plan_source(store, s, filter)))
-            .buffered(parallel)
-            .flat_map(|p| {
-                let pieces = match p {
-                    Ok(p) => pieces(p, piece_bytes).into_iter().map(Ok).collect(),
-                    Err(e) => vec![Err(e)],
-                };
-                futures::stream::iter(pieces)
-            })
-            .map(|p| async move { read_planned(store, p?, limits).await })
-            .buffered(parallel);
+        let mut reads = read_pieces(store, &todo, filter, limits, parallel, piece_bytes);
         let mut again = BTreeSet::new();
         while let Some(r) = reads.next().await {
             let r = r?;

@@ -97,6 +97,21 @@ impl Reducer {
         }
     }
 
+    /// Adds the event counts of `other` (a source's, counted as it was ground).
+    pub fn absorb(&self, other: Reducer) {
+        let other = other.state.into_inner().unwrap_or_else(|p| p.into_inner());
+        let mut s = self.lock();
+        for (key, n) in other.totals {
+            *s.totals.entry(key).or_default() += n;
+        }
+        for (key, minutes) in other.minutes {
+            let mine = s.minutes.entry(key).or_default();
+            for (minute, n) in minutes {
+                *mine.entry(minute).or_default() += n;
+            }
+        }
+    }
+
     /// Counts an event ground before this process started into the windows only (the totals
     /// count what this process ground).
     pub fn seed(&self, key: SeriesKey, wall_us: i64) {
@@ -213,6 +228,25 @@ pub async fn serve(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn counts_absorbed_from_another_reducer_are_the_same_as_counted_here() {
+        let now = 1_795_269_785_000_000;
+        let key = |n: &str, v: &str| (n.to_owned(), vec![("iface".to_owned(), v.to_owned())]);
+        let events = [
+            (key("link_down", "eth0"), now - 10 * MINUTE_US),
+            (key("link_down", "eth0"), now - 90 * MINUTE_US),
+            (key("link_down", "wlan0"), now - MINUTE_US),
+            (key("oom_kill", ""), now),
+        ];
+        let direct = Reducer::default();
+        direct.events(events.iter().map(|(k, t)| (k, *t)));
+        let (main, other) = (Reducer::default(), Reducer::default());
+        main.events(events[..1].iter().map(|(k, t)| (k, *t)));
+        other.events(events[1..].iter().map(|(k, t)| (k, *t)));
+        main.absorb(other);
+        assert_eq!(main.render(now), direct.render(now));
+    }
 
     #[test]
     fn counts_by_labels_and_window() {

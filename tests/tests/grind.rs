@@ -253,18 +253,37 @@ fn killed_grinder_restarts_without_losing_or_doubling() {
     assert!(reference.len() > 500, "{} events", reference.len());
 
     // Killed right after writing events (before the checkpoint says so), after a checkpoint,
-    // then by SIGKILL at an arbitrary moment, then allowed to finish.
+    // then by SIGKILL at an arbitrary moment, then allowed to finish. This grinder reads each
+    // object in pieces of about 1 KB (a chunk or a few): the events are still those of
+    // the reference, which read each object whole.
+    let pieces = ["--piece-bytes", "1000"];
+    let largest = blackbox_tests::downstream::local_segments(&tmp.path().join("store"))
+        .iter()
+        .map(|p| std::fs::metadata(p).unwrap().len())
+        .max()
+        .unwrap_or(0);
+    assert!(largest > 3 * 1000, "segments of {largest} bytes: no pieces");
+    let with_pieces = |extra: &[&'static str]| [extra, &pieces[..]].concat();
     let first = grind(
         "crash/",
-        &["--once", "--from", "-2h", "--fault", "after-events-put:3"],
+        &with_pieces(&["--once", "--from", "-2h", "--fault", "after-events-put:3"]),
     );
     assert!(!first.status.success(), "the fault should have aborted it");
-    let second = grind("crash/", &["--once", "--fault", "after-checkpoint:4"]);
+    let second = grind(
+        "crash/",
+        &with_pieces(&["--once", "--fault", "after-checkpoint:4"]),
+    );
     assert!(!second.status.success());
-    let third = grind("crash/", &["--once", "--fault", "after-events-put:7"]);
+    let third = grind(
+        "crash/",
+        &with_pieces(&["--once", "--fault", "after-events-put:7"]),
+    );
     assert!(!third.status.success());
     let mut child = Command::new(bin("blackbox-server"))
-        .args(args("crash/", &["--checkpoint-every-ms", "1000"]))
+        .args(args(
+            "crash/",
+            &with_pieces(&["--checkpoint-every-ms", "1000"]),
+        ))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -272,7 +291,7 @@ fn killed_grinder_restarts_without_losing_or_doubling() {
     std::thread::sleep(Duration::from_millis(400));
     child.kill().unwrap();
     child.wait().unwrap();
-    assert!(grind("crash/", &["--once"]).status.success());
+    assert!(grind("crash/", &with_pieces(&["--once"])).status.success());
     let after = events(&store, "crash/events/");
     assert_eq!(after.len(), reference.len());
     assert!(
