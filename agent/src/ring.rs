@@ -52,9 +52,11 @@
 //!
 //! A new block reuses, in order of preference: a free block, the oldest acknowledged block, or —
 //! when every block holds unacknowledged records (a long outage) — the oldest block *after* the
-//! kept head of the outage (`keep_oldest_pct` of the blocks). The dropped block's records become a
-//! gap entry in the header (boot, exact sequence range, exact count) *before* the block is
-//! overwritten; the gap is uploaded in its place as a chunk holding one gap record.
+//! kept head of the outage (`keep_oldest_pct` of the blocks), and after the blocks of a request
+//! on its way ([`Ring::set_in_flight`]) when at least two blocks lie beyond them. The dropped
+//! block's records become a gap entry in the header (boot, exact sequence range, exact count)
+//! *before* the block is overwritten; the gap is uploaded in its place as a chunk holding one gap
+//! record.
 use blackbox_protocol::{BootId, SyncPoint};
 
 /// Size of one header slot.
@@ -394,6 +396,9 @@ pub struct Ring<M> {
     next_gen: u64,
     /// The first gap entry was handed out for upload: it must not grow any more.
     gap_handed: bool,
+    /// Blocks up to this generation are on their way to the server (0: none): dropped only
+    /// when nothing else can be (see [`Ring::set_in_flight`]).
+    in_flight_gen: u64,
 }
 
 impl<M> core::fmt::Debug for Ring<M> {
@@ -659,6 +664,7 @@ impl<M: Region> Ring<M> {
             open: None,
             next_gen: 1,
             gap_handed: false,
+            in_flight_gen: 0,
         }
     }
 
@@ -1069,6 +1075,19 @@ impl<M: Region> Ring<M> {
                 self.blocks[self.order[k - 1] as usize].gen_
             }
         };
+        // Past the blocks in flight, if two or more blocks lie beyond them (the newest is
+        // never the victim, as with the kept head).
+        let beyond = |g: u64| {
+            self.live()
+                .iter()
+                .filter(|&&i| self.blocks[i as usize].gen_ > g)
+                .count()
+        };
+        let boundary = if self.in_flight_gen > boundary && beyond(self.in_flight_gen) >= 2 {
+            self.in_flight_gen
+        } else {
+            boundary
+        };
         let victim_pos = self
             .live()
             .iter()
@@ -1166,6 +1185,20 @@ impl<M: Region> Ring<M> {
             index: next,
             gen_: b.gen_,
         })
+    }
+
+    /// Says which items are on their way to the server now (none: an empty list). While a
+    /// request is in flight its blocks are dropped only if no other block can be: the upload
+    /// may well succeed, and a block the server stores must not be counted lost as well.
+    pub fn set_in_flight<'a>(&mut self, items: impl IntoIterator<Item = &'a Item>) {
+        self.in_flight_gen = items
+            .into_iter()
+            .filter_map(|it| match it {
+                Item::Block { gen_, .. } => Some(*gen_),
+                Item::Gap(_) => None,
+            })
+            .max()
+            .unwrap_or(0);
     }
 
     /// The server acknowledged `item` (which [`Ring::next_unacked`] returned). Returns false

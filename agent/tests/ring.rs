@@ -352,12 +352,16 @@ proptest! {
             let msg = vec![b'x'; len];
             r.append(&b, &log_entry(seq, &msg), &sync(seq)).expect("append");
             if online_every > 0 && seq % online_every == 0 && seq > n / 2 {
-                // Records keep arriving while a batch is on its way.
+                // Records keep arriving while a batch is on its way (and the ring knows it).
+                r.set_in_flight(&[]);
                 answer(&mut r, std::mem::take(&mut in_flight), &mut delivered, &mut lost);
                 r.seal(&sync(seq));
                 in_flight = hand_out(&mut r);
+                let items: Vec<Item> = in_flight.iter().map(|(it, _)| *it).collect();
+                r.set_in_flight(&items);
             }
         }
+        r.set_in_flight(&[]);
         answer(&mut r, in_flight, &mut delivered, &mut lost);
         // The oldest records are still there (the head of the outage) unless keep is 0.
         r.seal(&sync(n));
@@ -563,4 +567,62 @@ fn a_block_counted_in_a_gap_never_comes_back() {
         .map_err(|(_, e)| e)
         .expect("reopen");
     assert_eq!(view(&r), before, "a dropped block came back");
+}
+
+/// While a batch is on its way, the ring drops the block after it rather than one in it (even
+/// keeping nothing of the outage's start): the server will likely store the batch, and a
+/// stored block must not be counted lost as well. Without the hint the oldest block goes.
+#[test]
+fn blocks_in_flight_are_not_dropped_while_others_can_be() {
+    let b = boot(1);
+    let c = RingConfig {
+        keep_oldest_pct: 0,
+        block_size: Some(BLOCK),
+    };
+    let msg = [b'm'; 60];
+    let first_drop = |hint: bool| {
+        let mut r = Ring::format(vec![0u8; REGION], b, c)
+            .map_err(|(_, e)| e)
+            .expect("format");
+        log_lines(&mut r, b, 0..20, &msg);
+        r.seal(&sync(1));
+        let mut batch = Vec::new();
+        let mut next = r.next_unacked();
+        while let Some(it) = next.filter(|_| batch.len() < 3) {
+            batch.push(it);
+            next = r.unacked_after(&it);
+        }
+        assert_eq!(batch.len(), 3);
+        let last_in_flight = match batch[2] {
+            Item::Block { index, .. } => r.records(index).map(|e| e.seq).max(),
+            Item::Gap(_) => None,
+        };
+        if hint {
+            r.set_in_flight(&batch);
+        }
+        let mut seq = 20;
+        let gap = loop {
+            let a = r
+                .append(&b, &log_entry(seq, &msg), &sync(1))
+                .expect("append");
+            seq += 1;
+            if let Some(g) = a.dropped {
+                break g;
+            }
+        };
+        let acked = batch.iter().filter(|it| r.ack(it)).count();
+        (gap.first, last_in_flight, acked)
+    };
+    let (first, last_in_flight, acked) = first_drop(true);
+    assert!(
+        last_in_flight.is_some_and(|l| first > l),
+        "the victim starts at {first}, inside the batch (up to {last_in_flight:?})"
+    );
+    assert_eq!(
+        acked, 3,
+        "every block of the batch is still there to acknowledge"
+    );
+    let (first, _, acked) = first_drop(false);
+    assert_eq!(first, 0, "without the hint the oldest block is the victim");
+    assert_eq!(acked, 0, "and the batch is no longer the oldest item");
 }

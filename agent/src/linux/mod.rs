@@ -423,6 +423,7 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
             Err(RecvTimeoutError::Disconnected) => anyhow::bail!("log reader stopped"),
         }
         if let Some((ids, answer)) = sender.answer() {
+            buf.set_in_flight(false);
             let what = Batch(&ids);
             match answer {
                 Answer::Acked { duplicates } => {
@@ -497,7 +498,9 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
             let max = if singles > 0 { 1 } else { BATCH_CHUNKS };
             let batch = buf.next_batch(max, batch_bytes)?;
             singles = singles.saturating_sub(1);
-            if !sender.send(batch)? {
+            let sent = sender.send(batch)?;
+            buf.set_in_flight(sent);
+            if !sent {
                 // All delivered: the normal interval.
                 next_upload =
                     Instant::now() + Duration::from_millis(sched.after_success(random_u32()));

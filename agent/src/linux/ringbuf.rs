@@ -233,6 +233,13 @@ impl<M: Region> RingBuffer<M> {
         self.ring.seal(&sync)
     }
 
+    /// The chunks of the last batch are on their way to the server (`true`, once sent) or
+    /// answered (`false`): while they are, the ring drops other blocks first.
+    pub fn set_in_flight(&mut self, yes: bool) {
+        let items = self.current.iter().map(|(it, _)| it).filter(|_| yes);
+        self.ring.set_in_flight(items);
+    }
+
     /// Number of chunks waiting (the open block included).
     pub fn unacked_chunks(&self) -> usize {
         self.ring.unacked()
