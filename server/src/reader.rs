@@ -531,6 +531,20 @@ pub struct SourceRead {
     pub last: bool,
 }
 
+impl SourceRead {
+    /// A read of `source` that has fetched nothing yet.
+    fn nothing_yet(source: Source) -> Self {
+        Self {
+            source,
+            chunks: Vec::new(),
+            problems: Vec::new(),
+            vanished: false,
+            fetched: 0,
+            last: true,
+        }
+    }
+}
+
 /// Inflates with zlib-rs (about twice miniz_oxide's speed) into at most `raw_len` bytes; the
 /// protocol does every other check ([`Chunk::inflate_with`]).
 fn inflate_fast(
@@ -649,14 +663,7 @@ struct Planned {
 
 /// Fetches `src`'s index and picks the chunks `filter` wants.
 async fn plan_source(store: &Store, src: &Source, filter: &Filter) -> Result<Planned, ReadError> {
-    let mut read = SourceRead {
-        source: src.clone(),
-        chunks: Vec::new(),
-        problems: Vec::new(),
-        vanished: false,
-        fetched: 0,
-        last: true,
-    };
+    let mut read = SourceRead::nothing_yet(src.clone());
     if let Some(d) = &src.device
         && !filter.wants_device(d)
     {
@@ -728,14 +735,9 @@ fn pieces(p: Planned, max_bytes: u64) -> Vec<Planned> {
     runs.into_iter()
         .enumerate()
         .map(|(i, entries)| {
-            let mut read = first.take().unwrap_or_else(|| SourceRead {
-                source: source.clone(),
-                chunks: Vec::new(),
-                problems: Vec::new(),
-                vanished: false,
-                fetched: 0,
-                last: true,
-            });
+            let mut read = first
+                .take()
+                .unwrap_or_else(|| SourceRead::nothing_yet(source.clone()));
             read.last = i + 1 == n;
             Planned {
                 read,
