@@ -39,7 +39,7 @@ use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
 use crate::dedup::{Overlap, Runs, Seen};
-use crate::reader::{self, Decoded, Filter, Source, SourceRead, get_opt};
+use crate::reader::{self, Decoded, Filter, Member, Source, SourceRead, get_opt};
 use crate::reducer::{Reducer, SeriesKey};
 use crate::rules::{Hit, Rules};
 use crate::scan;
@@ -392,6 +392,42 @@ struct Ground {
     read: SourceRead,
     chunks: Vec<GroundChunk>,
     inflated: u64,
+}
+
+/// Inflates and grinds the chunks of a read ([`grind_members`]).
+fn grind_read(mut read: SourceRead, rules: &Rules, limits: &Limits) -> Ground {
+    let members = std::mem::take(&mut read.members);
+    let (chunks, inflated) = grind_members(members, rules, limits, &mut read.problems);
+    Ground {
+        read,
+        chunks,
+        inflated,
+    }
+}
+
+/// Inflates and grinds chunks one by one, each into the same buffer while its text is in the
+/// cache. A chunk that does not decode is a problem. Returns the ground chunks and the bytes
+/// inflated.
+pub fn grind_members(
+    members: Vec<Member>,
+    rules: &Rules,
+    limits: &Limits,
+    problems: &mut Vec<String>,
+) -> (Vec<GroundChunk>, u64) {
+    let mut buf = Vec::new();
+    let mut chunks = Vec::with_capacity(members.len());
+    let mut inflated = 0;
+    for m in members {
+        match m.decode(limits, std::mem::take(&mut buf)) {
+            Ok(d) => {
+                chunks.push(grind_chunk(&d, rules));
+                inflated += d.raw.len() as u64;
+                buf = d.raw;
+            }
+            Err(e) => problems.push(e),
+        }
+    }
+    (chunks, inflated)
 }
 
 /// Where the events of a source go.
@@ -833,36 +869,23 @@ impl Grinder {
         let store = self.store.clone();
         let (filter, limits) = (Filter::all(), Limits::DEFAULT);
         let parallel = self.cfg.parallel.max(1);
-        let mut stream = reader::read_pieces(
-            &store,
-            &todo,
-            &filter,
-            &limits,
-            parallel,
-            self.cfg.piece_bytes,
-        )
-        .map(|read| {
-            let rules = rules.clone();
-            async move {
-                let read = read?;
-                let ground = tokio::task::spawn_blocking(move || {
-                    let chunks = read.chunks.iter().map(|c| grind_chunk(c, &rules)).collect();
-                    let inflated = read.chunks.iter().map(|c| c.raw.len() as u64).sum();
-                    Ground {
-                        read,
-                        chunks,
-                        inflated,
+        let mut stream =
+            reader::read_pieces(&store, &todo, &filter, parallel, self.cfg.piece_bytes)
+                .map(|read| {
+                    let rules = rules.clone();
+                    async move {
+                        let read = read?;
+                        let ground =
+                            tokio::task::spawn_blocking(move || grind_read(read, &rules, &limits))
+                                .await?;
+                        anyhow::Ok(ground)
                     }
                 })
-                .await?;
-                anyhow::Ok(ground)
-            }
-        })
-        .buffered(parallel);
+                .buffered(parallel);
         let mut done = 0;
         let mut source: Option<SourceGrind> = None;
         while let Some(g) = stream.next().await {
-            let mut g = g?;
+            let g = g?;
             for p in &g.read.problems {
                 tracing::error!("{p}");
             }
@@ -888,7 +911,6 @@ impl Grinder {
                 sg.bad += g.chunks.iter().map(|c| c.bad_lines).sum::<u64>();
                 sg.inflated += g.inflated;
             }
-            g.read.chunks.clear();
             if !g.read.last {
                 continue;
             }
@@ -1004,6 +1026,18 @@ mod tests {
     use blackbox_protocol::{BootId, Chunk, DeviceId, Origin, Record, SyncPoint};
 
     fn decoded(msgs: &[&[u8]], wall_us: i64) -> Decoded {
+        let mut problems = Vec::new();
+        let mut d = reader::decode_all(
+            &Arc::from("k"),
+            &bytes::Bytes::from(encoded(msgs, wall_us)),
+            &Limits::DEFAULT,
+            &mut problems,
+        );
+        assert!(problems.is_empty(), "{problems:?}");
+        d.remove(0)
+    }
+
+    fn encoded(msgs: &[&[u8]], wall_us: i64) -> Vec<u8> {
         let records = msgs
             .iter()
             .enumerate()
@@ -1021,7 +1055,7 @@ mod tests {
             wall_us,
             synced: true,
         };
-        let bytes = Chunk::new(
+        Chunk::new(
             DeviceId::new("router-7").unwrap(),
             BootId([9; 16]),
             sync,
@@ -1029,16 +1063,48 @@ mod tests {
         )
         .unwrap()
         .encode(6, &Limits::DEFAULT)
-        .unwrap();
+        .unwrap()
+    }
+
+    /// The chunks of a source are inflated one by one into one buffer: a damaged one is a
+    /// problem that names its place, and the chunks around it (a larger one before it, a
+    /// smaller one after) are ground from their own text.
+    #[test]
+    fn a_damaged_chunk_is_a_problem_and_the_others_are_ground() {
+        let panic = b"Kernel panic - not syncing: VFS: Unable to mount root fs".as_slice();
+        let long = [b"some line that matches nothing, and is long".as_slice(); 50];
+        let first = encoded(&[&long[..], &[panic]].concat(), 1_795_269_785_000_000);
+        let mut second = encoded(&[panic, panic], 1_795_269_785_000_000);
+        let n = second.len();
+        second[n - 20] ^= 0x55;
+        let third = encoded(&[b"watchdog: watchdog0: watchdog did not stop!"], 0);
+        let seg = bytes::Bytes::from([&first[..], &second, &third].concat());
+        let key: Arc<str> = Arc::from("raw/x.seg.gz");
         let mut problems = Vec::new();
-        let mut d = reader::decode_all(
-            &Arc::from("k"),
-            &bytes::Bytes::from(bytes),
-            &Limits::DEFAULT,
-            &mut problems,
+        let members = reader::members_all(&key, &seg, &mut problems);
+        assert_eq!(members.len(), 3);
+        let rules = Rules::default_rules();
+        let (ground, inflated) = grind_members(members, &rules, &Limits::DEFAULT, &mut problems);
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(
+            problems[0].starts_with(&format!("raw/x.seg.gz at byte {}", first.len())),
+            "{problems:?}"
         );
-        assert!(problems.is_empty(), "{problems:?}");
-        d.remove(0)
+        let names: Vec<Vec<&str>> = ground
+            .iter()
+            .map(|g| {
+                g.events
+                    .iter()
+                    .map(|e| g.series[e.series].0.as_str())
+                    .collect()
+            })
+            .collect();
+        assert_eq!(names, [vec!["kernel_panic"], vec!["watchdog"]]);
+        assert_eq!(ground[1].seqs, [1]);
+        let lines = String::from_utf8(ground[1].ndjson.clone()).unwrap();
+        assert_eq!(lines.lines().count(), 1);
+        assert!(lines.contains("watchdog did not stop!\"}"), "{lines}");
+        assert!(inflated > 0);
     }
 
     /// The hand-written lines are exactly what `serde_json` writes for the same [`Event`], and

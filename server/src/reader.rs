@@ -513,13 +513,41 @@ impl Decoded {
     }
 }
 
+/// A fetched chunk, not yet inflated: a grinder inflates each just before it grinds it, into
+/// one buffer it reuses, so the inflated text is read while it is still in the cache (inflating
+/// a whole piece first, then reading it, took three times as long: page faults and memory).
+#[derive(Debug)]
+pub struct Member {
+    /// The object it came from.
+    pub key: Arc<str>,
+    /// Its byte offset there.
+    pub offset: u64,
+    /// The chunk as stored (its gzip member; shares the fetched buffer).
+    pub bytes: bytes::Bytes,
+    /// The index entry's wall range, when the chunk was found through one.
+    pub wall: Option<(i64, i64)>,
+}
+
+impl Member {
+    /// Checks and inflates the chunk into `buf` (cleared first; reused, to keep it in the
+    /// cache), naming the key and offset in any error.
+    pub fn decode(&self, limits: &Limits, buf: Vec<u8>) -> Result<Decoded, String> {
+        let mut d = decode_member_into(&self.key, self.offset, self.bytes.clone(), limits, buf)?;
+        d.wall = self.wall;
+        Ok(d)
+    }
+}
+
 /// What reading one source gave.
 #[derive(Debug)]
 pub struct SourceRead {
     /// The source.
     pub source: Source,
-    /// Its wanted chunks, in object order.
+    /// Its wanted chunks, in object order, inflated ([`SourceRead::inflate`]).
     pub chunks: Vec<Decoded>,
+    /// Its wanted chunks as fetched, in object order: [`read_pieces`] leaves them to the
+    /// caller to inflate.
+    pub members: Vec<Member>,
     /// Damage found (each names the key and offset); the rest was read.
     pub problems: Vec<String>,
     /// The object was gone (compacted away after it was listed): plan its hour again.
@@ -537,22 +565,37 @@ impl SourceRead {
         Self {
             source,
             chunks: Vec::new(),
+            members: Vec::new(),
             problems: Vec::new(),
             vanished: false,
             fetched: 0,
             last: true,
         }
     }
+
+    /// Inflates the fetched members into `chunks`; a member that does not decode is a problem.
+    pub fn inflate(&mut self, limits: &Limits) {
+        for m in std::mem::take(&mut self.members) {
+            match m.decode(limits, Vec::new()) {
+                Ok(d) => self.chunks.push(d),
+                Err(e) => self.problems.push(e),
+            }
+        }
+    }
 }
 
-/// Inflates with zlib-rs (about twice miniz_oxide's speed) into at most `raw_len` bytes; the
-/// protocol does every other check ([`Chunk::inflate_with`]).
+/// Inflates with zlib-rs (about twice miniz_oxide's speed) into `out` (cleared; a reused
+/// buffer may hold more than `raw_len`, never more than the largest chunk before it, each within
+/// the limits); the protocol checks the inflated size and every other thing
+/// ([`Chunk::inflate_with`]).
 fn inflate_fast(
+    mut out: Vec<u8>,
     deflated: &[u8],
     raw_len: usize,
 ) -> Result<Vec<u8>, blackbox_protocol::DecodeError> {
     use blackbox_protocol::DecodeError;
-    let mut out = Vec::with_capacity(raw_len);
+    out.clear();
+    out.reserve(raw_len);
     let mut d = flate2::Decompress::new(false);
     match d.decompress_vec(deflated, &mut out, flate2::FlushDecompress::Finish) {
         Ok(flate2::Status::StreamEnd) if d.total_in() == deflated.len() as u64 => Ok(out),
@@ -562,10 +605,10 @@ fn inflate_fast(
             actual: d.total_in(),
         }),
         // Output full before the stream ended: more than declared.
-        Ok(_) if out.len() == raw_len => Err(DecodeError::SizeMismatch {
+        Ok(_) if out.len() >= raw_len => Err(DecodeError::SizeMismatch {
             what: "inflated size",
             declared: raw_len as u64,
-            actual: raw_len as u64 + 1,
+            actual: out.len() as u64 + 1,
         }),
         Ok(_) => Err(DecodeError::Truncated {
             what: "deflate stream",
@@ -581,7 +624,18 @@ pub(crate) fn decode_member(
     member: bytes::Bytes,
     limits: &Limits,
 ) -> Result<Decoded, String> {
-    let (header, raw) = Chunk::inflate_with(&member, limits, inflate_fast)
+    decode_member_into(key, offset, member, limits, Vec::new())
+}
+
+/// [`decode_member`], inflating into `buf`.
+fn decode_member_into(
+    key: &Arc<str>,
+    offset: u64,
+    member: bytes::Bytes,
+    limits: &Limits,
+    buf: Vec<u8>,
+) -> Result<Decoded, String> {
+    let (header, raw) = Chunk::inflate_with(&member, limits, |d, n| inflate_fast(buf, d, n))
         .map_err(|e| format!("{key} at byte {offset}: chunk does not decode: {e}"))?;
     Ok(Decoded {
         key: key.clone(),
@@ -603,6 +657,22 @@ pub fn decode_all(
     problems: &mut Vec<String>,
 ) -> Vec<Decoded> {
     let mut out = Vec::new();
+    for m in members_all(key, bytes, problems) {
+        match m.decode(limits, Vec::new()) {
+            Ok(d) => out.push(d),
+            Err(e) => problems.push(e),
+        }
+    }
+    out
+}
+
+/// Every chunk of a whole object, walking the gzip headers, not inflated.
+pub fn members_all(
+    key: &Arc<str>,
+    bytes: &bytes::Bytes,
+    problems: &mut Vec<String>,
+) -> Vec<Member> {
+    let mut out = Vec::new();
     for m in walk_members(bytes) {
         match m {
             Ok((off, h)) => {
@@ -615,10 +685,12 @@ pub fn decode_all(
                     problems.push(format!("{key} at byte {off}: member runs past the end"));
                     break;
                 };
-                match decode_member(key, off, bytes.slice_ref(member), limits) {
-                    Ok(d) => out.push(d),
-                    Err(e) => problems.push(e),
-                }
+                out.push(Member {
+                    key: key.clone(),
+                    offset: off,
+                    bytes: bytes.slice_ref(member),
+                    wall: None,
+                });
             }
             Err(e) => {
                 problems.push(format!(
@@ -751,13 +823,13 @@ fn pieces(p: Planned, max_bytes: u64) -> Vec<Planned> {
         .collect()
 }
 
-/// Reads `todo` in order, `parallel` reads in flight, a source larger than `piece_bytes` in
-/// pieces ([`SourceRead::last`] marks a source's last piece).
+/// Fetches `todo` in order, `parallel` reads in flight, a source larger than `piece_bytes` in
+/// pieces ([`SourceRead::last`] marks a source's last piece). The chunks come as fetched
+/// ([`SourceRead::members`]), for the caller to inflate where it reads them.
 pub fn read_pieces<'a>(
     store: &'a Store,
     todo: &'a [Source],
     filter: &'a Filter,
-    limits: &'a Limits,
     parallel: usize,
     piece_bytes: u64,
 ) -> impl futures::Stream<Item = Result<SourceRead, ReadError>> + 'a {
@@ -770,7 +842,7 @@ pub fn read_pieces<'a>(
             };
             futures::stream::iter(pieces)
         })
-        .map(move |p| async move { read_planned(store, p?, limits).await })
+        .map(move |p| async move { read_planned(store, p?).await })
         .buffered(parallel.max(1))
 }
 
@@ -782,18 +854,28 @@ pub async fn read_source(
     limits: &Limits,
 ) -> Result<SourceRead, ReadError> {
     let p = plan_source(store, src, filter).await?;
-    read_planned(store, p, limits).await
+    inflated(read_planned(store, p).await?, limits).await
 }
 
-/// Fetches and decodes what `p` says.
-async fn read_planned(store: &Store, p: Planned, limits: &Limits) -> Result<SourceRead, ReadError> {
+/// Inflates the members of `read` (off the async threads).
+async fn inflated(mut read: SourceRead, limits: &Limits) -> Result<SourceRead, ReadError> {
+    let limits = *limits;
+    tokio::task::spawn_blocking(move || {
+        read.inflate(&limits);
+        read
+    })
+    .await
+    .map_err(|e| ReadError::Store(object_store::Error::JoinError { source: e }))
+}
+
+/// Fetches what `p` says (not inflated).
+async fn read_planned(store: &Store, p: Planned) -> Result<SourceRead, ReadError> {
     let Planned { mut read, want } = p;
     let key: Arc<str> = Arc::from(read.source.key.as_str());
-    let limits = *limits;
     let (entries, all, alone) = match want {
         Want::Nothing => return Ok(read),
         Want::Whole => {
-            read_whole(store, &key, &limits, &mut read).await?;
+            read_whole(store, &key, &mut read).await?;
             return Ok(read);
         }
         Want::Chunks {
@@ -835,7 +917,7 @@ async fn read_planned(store: &Store, p: Planned, limits: &Limits) -> Result<Sour
                 "{}: ranged read failed ({e}); reading the whole segment",
                 read.source.key
             ));
-            read_whole(store, &key, &limits, &mut read).await?;
+            read_whole(store, &key, &mut read).await?;
             return Ok(read);
         }
         // A piece of a large object: reading all of it for each piece would hold it whole.
@@ -857,49 +939,27 @@ async fn read_planned(store: &Store, p: Planned, limits: &Limits) -> Result<Sour
         .iter()
         .map(|e| (e.byte_offset, (e.wall_min_us, e.wall_max_us)))
         .collect();
-    let mut problems = std::mem::take(&mut read.problems);
-    let chunks = tokio::task::spawn_blocking(move || {
-        let mut out = Vec::with_capacity(parts.len());
-        for ((off, wall), member) in walls.into_iter().zip(parts) {
-            match decode_member(&key, off, member, &limits) {
-                Ok(mut d) => {
-                    d.wall = Some(wall);
-                    out.push(d)
-                }
-                Err(e) => problems.push(e),
-            }
-        }
-        (out, problems)
-    })
-    .await
-    .map_err(|e| ReadError::Store(object_store::Error::JoinError { source: e }))?;
-    read.chunks = chunks.0;
-    read.problems = chunks.1;
+    read.members = walls
+        .into_iter()
+        .zip(parts)
+        .map(|((offset, wall), bytes)| Member {
+            key: key.clone(),
+            offset,
+            bytes,
+            wall: Some(wall),
+        })
+        .collect();
     Ok(read)
 }
 
-/// Reads a whole object and decodes every chunk by walking its gzip headers (no index).
-async fn read_whole(
-    store: &Store,
-    key: &Arc<str>,
-    limits: &Limits,
-    read: &mut SourceRead,
-) -> Result<(), ReadError> {
+/// Reads a whole object and finds every chunk by walking its gzip headers (no index).
+async fn read_whole(store: &Store, key: &Arc<str>, read: &mut SourceRead) -> Result<(), ReadError> {
     let Some(bytes) = get_opt(store, key).await? else {
         read.vanished = true;
         return Ok(());
     };
     read.fetched += bytes.len() as u64;
-    let mut problems = std::mem::take(&mut read.problems);
-    let (key, limits) = (key.clone(), *limits);
-    let (chunks, problems) = tokio::task::spawn_blocking(move || {
-        let c = decode_all(&key, &bytes, &limits, &mut problems);
-        (c, problems)
-    })
-    .await
-    .map_err(|e| ReadError::Store(object_store::Error::JoinError { source: e }))?;
-    read.chunks = chunks;
-    read.problems = problems;
+    read.members = members_all(key, &bytes, &mut read.problems);
     Ok(())
 }
 
@@ -1019,7 +1079,9 @@ async fn read_hours_in(
         progress
             .sources
             .fetch_add(todo.len() as u64, Ordering::Relaxed);
-        let mut reads = read_pieces(store, &todo, filter, limits, parallel, piece_bytes);
+        let mut reads = read_pieces(store, &todo, filter, parallel, piece_bytes)
+            .map(|r| async move { inflated(r?, limits).await })
+            .buffered(parallel);
         let mut again = BTreeSet::new();
         while let Some(r) = reads.next().await {
             let r = r?;
@@ -1081,6 +1143,54 @@ mod tests {
         .unwrap()
         .encode(6, &Limits::DEFAULT)
         .unwrap()
+    }
+
+    /// Chunks decode one after another into one reused buffer, as the grinder decodes them:
+    /// a chunk whose header lies about its inflated size, smaller or larger, is refused
+    /// whatever room (and old text) the buffer holds, and a chunk after it reads its own lines.
+    #[test]
+    fn a_reused_buffer_lets_no_size_lie_through() {
+        let key: Arc<str> = Arc::from("k");
+        let member = |b: Vec<u8>| Member {
+            key: key.clone(),
+            offset: 0,
+            bytes: bytes::Bytes::from(b),
+            wall: None,
+        };
+        let good = chunk("d2", 0, 3);
+        let lie = |by: i64| {
+            let mut h = ChunkHeader::parse(&good).unwrap();
+            let rest = good[h.header_len as usize..].to_vec();
+            h.raw_len = u32::try_from(i64::from(h.raw_len) + by).unwrap();
+            let mut out = Vec::new();
+            h.emit(&mut out);
+            out.extend(rest);
+            out
+        };
+        let roomy = || vec![b'x'; 1 << 20];
+        for by in [-5, -1, 1, 5] {
+            let e = member(lie(by))
+                .decode(&Limits::DEFAULT, roomy())
+                .unwrap_err();
+            assert!(e.contains("inflated size"), "{by}: {e}");
+            assert!(
+                member(lie(by))
+                    .decode(&Limits::DEFAULT, Vec::new())
+                    .is_err()
+            );
+        }
+        // Room for more than it declares, not for all it holds: full before the stream ends.
+        let real = ChunkHeader::parse(&good).unwrap().raw_len as usize;
+        let e = member(lie(-5))
+            .decode(&Limits::DEFAULT, Vec::with_capacity(real - 2))
+            .unwrap_err();
+        assert!(e.contains("inflated size"), "{e}");
+        let d = member(good.clone())
+            .decode(&Limits::DEFAULT, roomy())
+            .unwrap();
+        let fresh = member(good).decode(&Limits::DEFAULT, Vec::new()).unwrap();
+        assert_eq!(d.raw, fresh.raw);
+        assert_eq!(d.lines().count(), 3);
     }
 
     /// A segment of `chunks` and its index, as the receiver writes them.
