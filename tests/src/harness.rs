@@ -17,6 +17,29 @@ pub fn root() -> PathBuf {
         .to_owned()
 }
 
+/// Runs a DuckDB SQL query with the Python DuckDB that `cargo xtask test` installs (or the
+/// Python in `BLACKBOX_PYTHON`) and returns what `fetchall()` prints: DuckDB reads the stored
+/// objects without any of our code.
+pub fn duckdb(sql: &str) -> String {
+    let python = std::env::var("BLACKBOX_PYTHON").unwrap_or_else(|_| {
+        root()
+            .join("target/tools/venv/bin/python")
+            .display()
+            .to_string()
+    });
+    let program = format!("import duckdb; print(duckdb.sql({sql:?}).fetchall())");
+    let out = std::process::Command::new(&python)
+        .args(["-c", &program])
+        .output()
+        .expect("python for DuckDB (cargo xtask test installs it)");
+    assert!(
+        out.status.success(),
+        "DuckDB failed (run `cargo xtask install-test-deps`): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
 /// Path of a workspace binary, built once per test process (so `cargo test -p blackbox-tests`
 /// alone works too). With `BLACKBOX_BIN_DIR` set (the flood uses release binaries) the binary is
 /// taken from there and nothing is built.

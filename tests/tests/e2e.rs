@@ -369,30 +369,12 @@ fn stored_segments_read_with_zcat_and_duckdb() {
             .all(|l| l.contains(r#""msg":"wifi \"ap\" é: line "#))
     );
 
-    let python = std::env::var("BLACKBOX_PYTHON").unwrap_or_else(|_| {
-        blackbox_tests::harness::root()
-            .join("target/tools/venv/bin/python")
-            .display()
-            .to_string()
-    });
-    let q = format!(
-        "import duckdb; print(duckdb.sql(\"select count(*), count(distinct seq), min(seq), max(seq), \
-         count(distinct device), min(typeof(ts)) from read_json('{}/raw/*/*/*.seg.gz')\").fetchall())",
+    let got = blackbox_tests::harness::duckdb(&format!(
+        "select count(*), count(distinct seq), min(seq), max(seq), count(distinct device), \
+         min(typeof(ts)) from read_json('{}/raw/*/*/*.seg.gz')",
         dir.display()
-    );
-    let out = std::process::Command::new(&python)
-        .args(["-c", &q])
-        .output()
-        .expect("python for DuckDB (cargo xtask test installs it)");
-    assert!(
-        out.status.success(),
-        "DuckDB failed (run `cargo xtask install-test-deps`): {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
-        "[(300, 300, 0, 299, 1, 'TIMESTAMP WITH TIME ZONE')]"
-    );
+    ));
+    assert_eq!(got, "[(300, 300, 0, 299, 1, 'TIMESTAMP WITH TIME ZONE')]");
 }
 
 /// SIGTERM (a shutdown, a service stop) makes the agent upload what is waiting, the open block

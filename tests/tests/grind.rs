@@ -13,7 +13,7 @@ use blackbox_server::timespec::now_us;
 use blackbox_tests::downstream::{
     Rec, corpus_lines, encode, line_chunks, post, server_cmd, server_ok,
 };
-use blackbox_tests::harness::{Server, bin, wait_until};
+use blackbox_tests::harness::{Server, bin, duckdb, wait_until};
 
 const S: i64 = 1_000_000;
 
@@ -136,6 +136,17 @@ fn rules_on_the_corpus_give_independent_counts() {
         *by_name.entry(&e.name).or_default() += 1;
     }
     println!("events by name: {by_name:?}");
+    // DuckDB reads the events objects without our code: the same events, `ts` a timestamp.
+    let duck = duckdb(&format!(
+        "select name, count(*), min(typeof(ts)), min(typeof(wall_us)) \
+         from read_json('{}/events/*/*/*.ndjson.gz') group by name order by name",
+        tmp.path().join("store").display()
+    ));
+    let want: Vec<String> = by_name
+        .iter()
+        .map(|(n, c)| format!("('{n}', {c}, 'TIMESTAMP WITH TIME ZONE', 'BIGINT')"))
+        .collect();
+    assert_eq!(duck, format!("[{}]", want.join(", ")));
 
     // Independent counts.
     let lines = |d: &str| corpus[d].iter().map(String::as_str);
