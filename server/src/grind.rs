@@ -392,16 +392,30 @@ struct Ground {
     read: SourceRead,
     chunks: Vec<GroundChunk>,
     inflated: u64,
+    /// Events in `chunks`.
+    events: usize,
+    /// All of them gzipped, one gzip member.
+    gz: Vec<u8>,
 }
 
 /// Inflates and grinds the chunks of a read ([`grind_members`]).
+/// Also gzips all the events as one gzip member here, on the grinding threads: deduplication
+/// (in order, afterwards) almost always keeps them all, and then takes the member as it is.
 fn grind_read(mut read: SourceRead, rules: &Rules, limits: &Limits) -> Ground {
     let members = std::mem::take(&mut read.members);
     let (chunks, inflated) = grind_members(members, rules, limits, &mut read.problems);
+    let events = chunks.iter().map(|c| c.events.len()).sum();
+    let gz = if events > 0 {
+        events_bytes(chunks.iter().map(|c| c.ndjson.as_slice()))
+    } else {
+        Vec::new()
+    };
     Ground {
         read,
         chunks,
         inflated,
+        events,
+        gz,
     }
 }
 
@@ -452,11 +466,6 @@ fn was_ground(ckpt: &Checkpoint, key: &str) -> bool {
     }
 }
 
-/// The gzip writer of an events object (level 1: see [`events_bytes`]).
-fn events_encoder(capacity: usize) -> flate2::write::GzEncoder<Vec<u8>> {
-    flate2::write::GzEncoder::new(Vec::with_capacity(capacity), flate2::Compression::fast())
-}
-
 /// Gzip of NDJSON lines given in a few large parts (each chunk's [`GroundChunk::ndjson`], or
 /// runs of it), compressed in large writes: tiny writes into the encoder cost more than
 /// everything else the grinder does. Level 1 (zlib-rs's quick deflate) compresses the events
@@ -466,7 +475,10 @@ pub fn events_bytes<'a>(parts: impl IntoIterator<Item = &'a [u8]>) -> Vec<u8> {
     use std::io::Write;
     let parts: Vec<&[u8]> = parts.into_iter().collect();
     let len: usize = parts.iter().map(|p| p.len()).sum();
-    let mut enc = events_encoder(len / 8 + 64);
+    let mut enc = flate2::write::GzEncoder::new(
+        Vec::with_capacity(len / 8 + 64),
+        flate2::Compression::fast(),
+    );
     for p in parts {
         // Writing into memory cannot fail.
         let _ = enc.write_all(p);
@@ -857,10 +869,10 @@ impl Grinder {
         Ok(idle)
     }
 
-    /// Reads and grinds `todo` (`parallel` pieces at a time, a large source in pieces of
-    /// `piece_bytes`), then in order: drops duplicates, gzips the events as they come, and when
-    /// a source's last piece is done writes its events object, counts them and marks the source
-    /// done. Returns how many were done (vanished ones are not: nothing of them counts).
+    /// Reads, grinds and gzips `todo` (`parallel` pieces at a time, a large source in pieces
+    /// of `piece_bytes`), then in order: drops duplicates (a piece that had some is gzipped
+    /// again without them), appends each piece's gzip member, and when a source's last piece is
+    /// done writes its events object, counts them and marks the source done. Returns how many were done (vanished ones are not: nothing of them counts).
     async fn grind_sources(
         &mut self,
         todo: Vec<Source>,
@@ -895,12 +907,12 @@ impl Grinder {
                 sg.vanished = true;
             } else if !sg.vanished {
                 let events = self.dedupe_piece(&g, &mut sg.seen);
-                if !events.is_empty() {
-                    let enc = sg.events.get_or_insert_with(|| events_encoder(64 << 10));
-                    for part in event_lines(&events) {
-                        // Writing into memory cannot fail.
-                        let _ = std::io::Write::write_all(enc, part);
-                    }
+                if events.len() == g.events {
+                    sg.events.extend_from_slice(&g.gz);
+                } else if !events.is_empty() {
+                    // Duplicates dropped: gzip what is left.
+                    sg.events
+                        .extend_from_slice(&events_bytes(event_lines(&events)));
                 }
                 sg.counts.events(
                     events
@@ -920,10 +932,10 @@ impl Grinder {
                 tracing::info!(key = %src.key, "object compacted away before it was ground; its hour is planned again");
                 continue;
             }
-            if let Some(enc) = sg.events {
+            if !sg.events.is_empty() {
                 let key = events_key(&self.cfg.events_prefix, src);
                 self.store
-                    .put(&key, enc.finish().unwrap_or_default())
+                    .put(&key, sg.events)
                     .await
                     .with_context(|| format!("writing events {key}"))?;
                 self.fault("after-events-put");
@@ -953,8 +965,9 @@ impl Grinder {
 /// A source being ground, piece by piece: what its pieces gave so far.
 #[derive(Default)]
 struct SourceGrind {
-    /// Its events' lines, gzipped as they come (from its first event).
-    events: Option<flate2::write::GzEncoder<Vec<u8>>>,
+    /// Its events' lines, gzipped as its pieces come: one gzip member per piece with events
+    /// (zcat, DuckDB and every gzip reader read members back to back as one stream).
+    events: Vec<u8>,
     /// Its identities (not yet among the grinder's seen ones).
     seen: Seen,
     /// Its events' counts (not yet in the grinder's reducer).
