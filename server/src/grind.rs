@@ -882,7 +882,7 @@ impl Grinder {
         let (filter, limits) = (Filter::all(), Limits::DEFAULT);
         let parallel = self.cfg.parallel.max(1);
         let mut stream =
-            reader::read_pieces(&store, &todo, &filter, parallel, self.cfg.piece_bytes)
+            reader::read_pieces(&store, &todo, &filter, None, parallel, self.cfg.piece_bytes)
                 .map(|read| {
                     let rules = rules.clone();
                     async move {

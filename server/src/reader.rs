@@ -824,12 +824,15 @@ fn pieces(p: Planned, max_bytes: u64) -> Vec<Planned> {
 }
 
 /// Fetches `todo` in order, `parallel` reads in flight, a source larger than `piece_bytes` in
-/// pieces ([`SourceRead::last`] marks a source's last piece). The chunks come as fetched
-/// ([`SourceRead::members`]), for the caller to inflate where it reads them.
+/// pieces ([`SourceRead::last`] marks a source's last piece). With `inflate`, each read also
+/// inflates its chunks ([`SourceRead::chunks`]), in the same read, so that at most `parallel`
+/// pieces are held; without, the chunks come as fetched ([`SourceRead::members`]), for the
+/// caller to inflate where it reads them (the grinder: chunk by chunk, into one buffer).
 pub fn read_pieces<'a>(
     store: &'a Store,
     todo: &'a [Source],
     filter: &'a Filter,
+    inflate: Option<&'a Limits>,
     parallel: usize,
     piece_bytes: u64,
 ) -> impl futures::Stream<Item = Result<SourceRead, ReadError>> + 'a {
@@ -842,7 +845,13 @@ pub fn read_pieces<'a>(
             };
             futures::stream::iter(pieces)
         })
-        .map(move |p| async move { read_planned(store, p?).await })
+        .map(move |p| async move {
+            let read = read_planned(store, p?).await?;
+            match inflate {
+                Some(limits) => inflated(read, limits).await,
+                None => Ok(read),
+            }
+        })
         .buffered(parallel.max(1))
 }
 
@@ -1079,9 +1088,7 @@ async fn read_hours_in(
         progress
             .sources
             .fetch_add(todo.len() as u64, Ordering::Relaxed);
-        let mut reads = read_pieces(store, &todo, filter, parallel, piece_bytes)
-            .map(|r| async move { inflated(r?, limits).await })
-            .buffered(parallel);
+        let mut reads = read_pieces(store, &todo, filter, Some(limits), parallel, piece_bytes);
         let mut again = BTreeSet::new();
         while let Some(r) = reads.next().await {
             let r = r?;
