@@ -43,8 +43,11 @@
 //! inflated and three upload parts of `part_size` ([`merge`]): about 40 MiB, whatever the
 //! size of the hour or day.
 //!
-//! One compaction at a time per store (cron with `flock`): two running over the same hour or
-//! day fail with "vanished" or delete each other's outputs.
+//! One compaction at a time per store: `blackbox-server compact` takes the store's lock
+//! ([`lock`], an object in the store, so it holds across hosts) and checks it before every step
+//! that deletes or switches readers. Two compactions running over the same hour or day would fail
+//! with "vanished" or delete each other's outputs.
+pub mod lock;
 mod merge;
 
 use std::collections::BTreeSet;
@@ -77,6 +80,9 @@ pub struct CompactConfig {
     /// Test hook: abort at `mid-output` (an output's upload under way), `after-output`,
     /// `after-manifest` or `after-delete`.
     pub fault: Option<String>,
+    /// The store's compaction lock, checked (and extended) before every step that deletes or
+    /// switches readers ([`lock`]); `None`: the caller makes sure no other compaction runs.
+    pub lock: Option<std::sync::Arc<lock::StoreLock>>,
 }
 
 impl Default for CompactConfig {
@@ -88,6 +94,7 @@ impl Default for CompactConfig {
             parallel: 8,
             part_size: 8 << 20,
             fault: None,
+            lock: None,
         }
     }
 }
@@ -113,6 +120,14 @@ pub struct CompactReport {
     pub bytes_in: u64,
     /// Bytes written.
     pub bytes_out: u64,
+}
+
+/// Before a step that deletes objects or switches readers: is the store's lock still ours?
+async fn hold(store: &Store, cfg: &CompactConfig) -> anyhow::Result<()> {
+    match &cfg.lock {
+        Some(l) => l.hold(store).await,
+        None => Ok(()),
+    }
 }
 
 fn fault(cfg: &CompactConfig, point: &str) {
@@ -289,11 +304,13 @@ async fn finish(
     draft.inputs = inputs.into_iter().collect();
     draft.outputs = merged.outputs;
     let key = format!("{prefix}{MANIFEST}");
+    hold(store, cfg).await?;
     store
         .put(&key, serde_json::to_vec_pretty(&draft)?)
         .await
         .with_context(|| format!("writing {key}"))?;
     fault(cfg, "after-manifest");
+    hold(store, cfg).await?;
     scope.cleanup(store, &draft, cfg).await?;
     report.generation = draft.generation;
     tracing::info!(%scope, ?report, "compacted");
@@ -323,6 +340,7 @@ pub async fn compact_hour(
     )?;
     let mut report = CompactReport::default();
     if let Some(m) = reader::read_manifest(store, hour).await? {
+        hold(store, cfg).await?;
         cleanup_hour(store, hour, &m, cfg).await?;
     }
     let plan = reader::hour_plan(store, hour).await?;
@@ -417,6 +435,7 @@ pub async fn compact_day(
     )?;
     let mut report = CompactReport::default();
     if let Some(m) = reader::read_day_manifest(store, day).await? {
+        hold(store, cfg).await?;
         cleanup_day(store, day, &m, cfg).await?;
     }
     let listed: Vec<reader::Listed> =

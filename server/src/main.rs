@@ -83,6 +83,10 @@ struct CompactArgs {
     /// Test hook: abort at mid-output, after-output, after-manifest or after-delete.
     #[arg(long, hide = true)]
     fault: Option<String>,
+    /// Seconds the store's compaction lock lasts unless extended (a running compaction extends
+    /// it; one that died on another host holds the store this long; on this host, not at all).
+    #[arg(long, default_value_t = 600)]
+    lock_ttl: u64,
 }
 
 #[derive(clap::Args)]
@@ -366,29 +370,43 @@ fn main() -> anyhow::Result<()> {
 
 async fn compact_cmd(a: CompactArgs) -> anyhow::Result<()> {
     let store = Store::open(&a.store)?;
+    let lock = std::sync::Arc::new(
+        compact::lock::StoreLock::acquire(&store, Duration::from_secs(a.lock_ttl.max(1))).await?,
+    );
+    let result = compact_locked(&store, a, lock.clone()).await;
+    lock.release(&store).await;
+    result
+}
+
+async fn compact_locked(
+    store: &Store,
+    a: CompactArgs,
+    lock: std::sync::Arc<compact::lock::StoreLock>,
+) -> anyhow::Result<()> {
     let cfg = compact::CompactConfig {
         groups: a.groups,
         allow_open: a.allow_open,
         parallel: a.parallel,
         part_size: a.part_size,
         fault: a.fault,
+        lock: Some(lock),
         ..Default::default()
     };
     let now = timespec::now_us();
     if let Some(h) = &a.hour {
         let hour = timespec::hour_of(timespec::parse_time(h, now)?);
-        let r = compact::compact_hour(&store, hour, &cfg).await?;
+        let r = compact::compact_hour(store, hour, &cfg).await?;
         println!("{}", compact_summary(&timespec::hour_path(hour), &r));
     } else if let Some(d) = &a.day {
         let day = timespec::day_of_hour(timespec::hour_of(timespec::parse_time(d, now)?));
-        let r = compact::compact_day(&store, day, &cfg).await?;
+        let r = compact::compact_day(store, day, &cfg).await?;
         println!(
             "{} (day): {}",
             timespec::day_path(day),
             compact_summary("", &r)
         );
     } else {
-        let r = compact::compact_auto(&store, &cfg).await?;
+        let r = compact::compact_auto(store, &cfg).await?;
         for (hour, r) in r.hours.iter().filter(|(_, r)| r.generation > 0) {
             println!("{}", compact_summary(&timespec::hour_path(*hour), r));
         }
