@@ -150,8 +150,9 @@ struct RangeArgs {
     /// bounds the ingest hours read. Forms: 24h, 3d, 90m.
     #[arg(long, default_value = "24h")]
     max_delay: String,
-    /// Objects read at once.
-    #[arg(long, default_value_t = 16)]
+    /// Objects read at once (a large object in pieces of 2 MiB, compressed): memory is about
+    /// this many pieces, inflated, up to about 30 MiB each for log text.
+    #[arg(long, default_value_t = 8)]
     parallel: usize,
 }
 

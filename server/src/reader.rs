@@ -555,7 +555,7 @@ pub struct SourceRead {
     /// Bytes fetched.
     pub fetched: u64,
     /// The last (or only) piece of its source ([`read_hours`] reads a large source in pieces
-    /// of [`PIECE_BYTES`]; [`read_source`] reads it whole).
+    /// of [`READ_PIECE_BYTES`]; [`read_source`] reads it whole).
     pub last: bool,
 }
 
@@ -703,11 +703,15 @@ pub fn members_all(
     out
 }
 
-/// Most compressed bytes of one source that [`read_hours`] holds at once: a larger source (a
-/// device's day roll-up can be hundreds of MB) is read in pieces of its wanted chunks, one
-/// after the other, so a reader's memory stays bounded by `parallel` pieces whatever the
-/// object's size.
+/// Most compressed bytes of one source that the grinder reads at once (by default): a larger
+/// source (a device's day roll-up can be hundreds of MB) is read in pieces of its wanted
+/// chunks, one after the other, so a reader's memory stays bounded by `parallel` pieces
+/// whatever the object's size. The grinder inflates a piece chunk by chunk.
 pub const PIECE_BYTES: u64 = 8 << 20;
+
+/// The piece size of [`read_hours`] (grep, narrative), which inflates each piece whole: the
+/// NDJSON of log text is 8 to 15 times its gzip, so a piece holds up to about 30 MiB.
+pub const READ_PIECE_BYTES: u64 = 2 << 20;
 
 /// What a source's index says to read of it.
 #[derive(Debug)]
@@ -1044,7 +1048,7 @@ pub struct Progress {
 }
 
 /// Plans `hours` (listing them in parallel), then reads every source with `parallel` reads in
-/// flight and hands them to `f` in order, a source larger than [`PIECE_BYTES`] in pieces. An hour whose objects vanish under it (compacted
+/// flight and hands them to `f` in order, a source larger than [`READ_PIECE_BYTES`] in pieces. An hour whose objects vanish under it (compacted
 /// meanwhile) is planned and read again at the end; `f` must drop what it saw already (a
 /// [`Scanner`] does).
 pub async fn read_hours(
@@ -1062,7 +1066,7 @@ pub async fn read_hours(
         filter,
         limits,
         parallel,
-        PIECE_BYTES,
+        READ_PIECE_BYTES,
         progress,
         f,
     )
