@@ -197,14 +197,21 @@ pub fn default_device_id() -> DeviceId {
         .unwrap_or_else(|_| DeviceId::new("unnamed").unwrap_or_else(|_| unreachable!()))
 }
 
-/// The current monotonic/wall-clock pair.
+/// The current monotonic/wall-clock pair. Both clocks are read through rustix's
+/// `clock_gettime64`, whose seconds are 64-bit on 32-bit devices too: std's `SystemTime` goes
+/// through the libc crate's `time_t`, still 32-bit for 32-bit musl (armv7, MIPS), which runs
+/// out in January 2038, within a router's or camera's service life.
 pub fn sync_point(flag: &Path) -> SyncPoint {
-    let ts = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
-    let mono_us = ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1_000;
-    let wall_us = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_micros() as i64)
-        .unwrap_or(0);
+    // `tv_nsec` is a 32-bit `c_long` with rustix's libc backend (big-endian MIPS).
+    #[allow(clippy::useless_conversion)]
+    let us = |c| {
+        let ts = rustix::time::clock_gettime(c);
+        ts.tv_sec
+            .saturating_mul(1_000_000)
+            .saturating_add(i64::from(ts.tv_nsec) / 1_000)
+    };
+    let mono_us = u64::try_from(us(rustix::time::ClockId::Monotonic)).unwrap_or(0);
+    let wall_us = us(rustix::time::ClockId::Realtime);
     SyncPoint {
         mono_us,
         wall_us,
@@ -987,4 +994,36 @@ fn collect_pstore(
     );
     let upto = buf.ring().resume_after(&boot).unwrap_or(0);
     Ok(Some(PstorePending { boot, upto, files }))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{SystemTime, UNIX_EPOCH};
+
+    fn now_us() -> i64 {
+        i64::try_from(
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap()
+                .as_micros(),
+        )
+        .unwrap()
+    }
+
+    /// A sync point reads the wall clock as std does (on this 64-bit host, where std's
+    /// `time_t` is 64-bit too) and the monotonic clock; no flag file, not synced.
+    #[test]
+    fn sync_points_read_the_wall_and_monotonic_clocks() {
+        let before = now_us();
+        let s = super::sync_point(std::path::Path::new("/nonexistent/synced"));
+        let after = now_us();
+        assert!(
+            before <= s.wall_us && s.wall_us <= after,
+            "{before} {s:?} {after}"
+        );
+        assert!(s.mono_us > 0);
+        assert!(!s.synced);
+        let later = super::sync_point(std::path::Path::new("/nonexistent/synced"));
+        assert!(later.mono_us >= s.mono_us);
+    }
 }
