@@ -287,4 +287,64 @@ mod tests {
         let toml = std::fs::read_to_string(t.join("etc/blackbox/agent.toml")).unwrap_or_default();
         assert!(toml.contains("board = \"@BOARD@\""), "{toml}");
     }
+
+    /// OpenWrt's procd script, run by `sh` with procd, `mkdir` and the agent stubbed: the
+    /// identity and the agent use /etc/blackbox/state (OpenWrt's /var is RAM) unless the config
+    /// names a state directory, and then both use that one.
+    #[test]
+    fn the_openwrt_script_keeps_the_identity_on_flash() {
+        let dir = std::env::temp_dir().join(format!("bb-procd-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap_or_default();
+        let script = templates().join("etc/init.d/blackbox");
+        let run = |config: &str| -> String {
+            let conf = dir.join("agent.toml");
+            std::fs::write(&conf, config).unwrap_or_default();
+            let calls = dir.join("calls");
+            let _ = std::fs::remove_file(&calls);
+            let sh = format!(
+                ". '{script}'\n\
+                 CONFIG='{conf}'\n\
+                 PROG=agent\n\
+                 agent() {{ echo \"agent $*\" >>'{calls}'; }}\n\
+                 mkdir() {{ echo \"mkdir $*\" >>'{calls}'; }}\n\
+                 logger() {{ cat >/dev/null; }}\n\
+                 procd_open_instance() {{ :; }}\n\
+                 procd_close_instance() {{ :; }}\n\
+                 procd_set_param() {{ echo \"$*\" >>'{calls}'; }}\n\
+                 start_service\n",
+                script = script.display(),
+                conf = conf.display(),
+                calls = calls.display(),
+            );
+            let ok = std::process::Command::new("sh")
+                .args(["-c", &sh])
+                .status()
+                .is_ok_and(|s| s.success());
+            assert!(ok, "sh {sh}");
+            std::fs::read_to_string(&calls).unwrap_or_default()
+        };
+        let calls = run("[run]\nserver = \"https://x\"\n");
+        for want in [
+            "mkdir -p /etc/blackbox/state",
+            "agent identity --state-dir /etc/blackbox/state",
+            "command agent run --config",
+        ] {
+            assert!(calls.contains(want), "{want}: {calls}");
+        }
+        assert!(
+            calls.contains("agent.toml --state-dir /etc/blackbox/state\n"),
+            "{calls}"
+        );
+        let calls = run("[run]\nstate_dir = \"/data/bb\"\n");
+        assert!(
+            calls.contains("agent identity --state-dir /data/bb"),
+            "{calls}"
+        );
+        assert!(
+            calls.contains("agent.toml --state-dir /data/bb\n"),
+            "{calls}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
