@@ -52,15 +52,25 @@ impl<'a> Cursor<'a> {
         Some(s)
     }
 
+    /// A decimal `u64`: one pass, no overflow check for the first 19 digits (they always fit).
     fn uint(&mut self) -> Option<u64> {
         let rest = self.b.get(self.at..)?;
-        let n = rest.iter().take_while(|c| c.is_ascii_digit()).count();
-        if n == 0 || n > 20 {
-            return None;
-        }
         let mut v: u64 = 0;
-        for c in &rest[..n] {
-            v = v.checked_mul(10)?.checked_add(u64::from(c - b'0'))?;
+        let mut n = 0;
+        for &c in rest {
+            let d = c.wrapping_sub(b'0');
+            if d > 9 {
+                break;
+            }
+            v = if n < 19 {
+                v * 10 + u64::from(d)
+            } else {
+                v.checked_mul(10)?.checked_add(u64::from(d))?
+            };
+            n += 1;
+        }
+        if n == 0 {
+            return None;
         }
         self.at += n;
         Some(v)
@@ -191,6 +201,29 @@ mod tests {
             assert_eq!(f.device, "router-1");
             assert_eq!(f.msg, String::from_utf8_lossy(msg));
         }
+    }
+
+    #[test]
+    fn numbers_parse_to_the_last_u64_and_no_further() {
+        let parse = |t: &str| {
+            let mut c = Cursor {
+                b: t.as_bytes(),
+                at: 0,
+            };
+            c.uint().map(|v| (v, c.at))
+        };
+        assert_eq!(parse("0,"), Some((0, 1)));
+        assert_eq!(parse("42}"), Some((42, 2)));
+        assert_eq!(parse("18446744073709551615"), Some((u64::MAX, 20)));
+        assert_eq!(
+            parse("9999999999999999999,"),
+            Some((9_999_999_999_999_999_999, 19))
+        );
+        assert_eq!(parse("18446744073709551616"), None);
+        assert_eq!(parse("99999999999999999999"), None);
+        assert_eq!(parse(""), None);
+        assert_eq!(parse("-1"), None);
+        assert_eq!(parse(",1"), None);
     }
 
     #[test]
