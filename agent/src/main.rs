@@ -111,9 +111,10 @@ struct RunArgs {
     /// Boot id (default: /proc/sys/kernel/random/boot_id).
     #[arg(long)]
     boot_id: Option<String>,
-    /// A file whose existence means the clock is NTP-synchronised.
-    #[arg(long, default_value = "/run/systemd/timesync/synchronized")]
-    synced_flag: PathBuf,
+    /// A file whose existence means the clock is NTP-synchronised
+    /// [default: /run/systemd/timesync/synchronized].
+    #[arg(long)]
+    synced_flag: Option<PathBuf>,
     /// Where the ring lives: `mem:ADDRESS:SIZE` (reserved physical memory through /dev/mem,
     /// e.g. mem:0x1e000000:1M) or `file:PATH:SIZE` (default: the --board's region, else
     /// file:STATE_DIR/ring:16M).
@@ -324,7 +325,10 @@ fn main() -> anyhow::Result<()> {
                 jitter: a.jitter.map_or(Ok(interval / 12), |j| secs(j, "jitter"))?,
                 device,
                 boot,
-                synced_flag: a.synced_flag,
+                synced_flag: a
+                    .synced_flag
+                    .or_else(|| r.synced_flag.clone())
+                    .unwrap_or_else(|| "/run/systemd/timesync/synchronized".into()),
                 timeout: secs(a.timeout, "timeout")?,
                 syslog,
                 syslog_required,

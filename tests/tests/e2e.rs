@@ -377,6 +377,73 @@ fn stored_segments_read_with_zcat_and_duckdb() {
     assert_eq!(got, "[(300, 300, 0, 299, 1, 'TIMESTAMP WITH TIME ZONE')]");
 }
 
+/// The agent marks its sync points NTP-synchronised while its `synced_flag` (set in the
+/// configuration file here, as the board overlays set it) exists: the chunks stored before the
+/// flag appears say unsynchronised, the chunks of lines logged after it say synchronised.
+#[test]
+fn chunks_say_whether_ntp_had_the_clock() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("store");
+    let store = format!("file://{}", dir.display());
+    let server = Server::start(&store, vec![], &["--segment-max-age-ms", "100"], tmp.path());
+    let mut kmsg = KmsgFile::new(tmp.path().join("kmsg"));
+    let flag = tmp.path().join("run/blackbox.synced");
+    let conf = tmp.path().join("agent.toml");
+    std::fs::write(
+        &conf,
+        format!("[run]\nsynced_flag = {:?}\n", flag.display().to_string()),
+    )
+    .unwrap();
+    kmsg.append(20, "before ntp");
+    let _agent = Agent::start(
+        &server.url(),
+        &tmp.path().join("state"),
+        &kmsg.path,
+        "ntp",
+        &["--interval", "0.3", "--config", conf.to_str().unwrap()],
+    );
+    assert!(wait_until(Duration::from_secs(30), || read_store(
+        &store,
+        &[]
+    )
+    .len()
+        >= 20));
+    std::fs::create_dir_all(flag.parent().unwrap()).unwrap();
+    std::fs::write(&flag, b"").unwrap();
+    kmsg.append(20, "after ntp");
+    assert!(wait_until(Duration::from_secs(30), || read_store(
+        &store,
+        &[]
+    )
+    .len()
+        >= 40));
+    // (first seq, last seq, synced) of every stored chunk, from the chunk headers.
+    let mut chunks = Vec::new();
+    for key in list_store(&store, &[], "raw/") {
+        if !key.ends_with(".seg.gz") {
+            continue;
+        }
+        let bytes = std::fs::read(dir.join(&key)).unwrap();
+        for m in blackbox_protocol::chunk::walk_members(&bytes) {
+            let (_, h) = m.unwrap();
+            chunks.push((h.id.first_seq, h.id.last_seq, h.sync.synced));
+        }
+    }
+    chunks.sort();
+    assert!(
+        chunks.iter().any(|c| c.1 < 20) && chunks.iter().any(|c| c.0 >= 20),
+        "{chunks:?}"
+    );
+    for &(first, last, synced) in &chunks {
+        if last < 20 {
+            assert!(!synced, "a chunk stored before NTP: {chunks:?}");
+        }
+        if first >= 20 {
+            assert!(synced, "a chunk logged after NTP: {chunks:?}");
+        }
+    }
+}
+
 /// SIGTERM (a shutdown, a service stop) makes the agent upload what is waiting, the open block
 /// included, before it exits: the lines of the last minutes before a reboot reach the server
 /// without waiting for the next boot.

@@ -9,6 +9,7 @@
 //! state_dir = "/var/lib/blackbox"
 //! interval = 60                    # seconds between uploads
 //! syslog = ["/dev/log"]            # sockets to listen on ([] for none; "stream:PATH" too)
+//! synced_flag = "/var/run/blackbox.synced"  # exists while NTP has the clock
 //!
 //! # Limits for every app's lines (logos and syslog tags); each key is optional.
 //! [logos.default]
@@ -65,6 +66,8 @@ pub struct RunToml {
     pub interval: Option<f64>,
     /// `--syslog-socket`, each; an empty list turns the listener off.
     pub syslog: Option<Vec<String>>,
+    /// `--synced-flag`.
+    pub synced_flag: Option<PathBuf>,
 }
 
 /// `[logos]`: the default limits and per-app overrides.
@@ -168,6 +171,8 @@ mod tests {
         assert_eq!(r.run.server.as_deref(), Some("https://h:1"));
         assert_eq!(r.run.syslog, Some(vec![]));
         assert_eq!(r.run.interval, Some(5.0));
+        let f = Config::parse("[run]\nsynced_flag = \"/var/run/x\"\n").unwrap();
+        assert_eq!(f.run.synced_flag, Some(PathBuf::from("/var/run/x")));
         assert!(Config::parse("[run]\nservr = \"x\"\n").is_err());
         assert!(Config::load(Path::new("/nonexistent/agent.toml"), false).is_ok());
         assert!(Config::load(Path::new("/nonexistent/agent.toml"), true).is_err());

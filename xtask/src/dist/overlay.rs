@@ -6,6 +6,8 @@
 //! etc/init.d/S50blackbox               busybox init / sysv rcS (start, stop, restart, status)
 //! etc/init.d/blackbox                  OpenWrt procd
 //! etc/blackbox/agent.toml              [run] naming the board; logos limits commented out
+//! etc/hotplug.d/ntp/50-blackbox        OpenWrt: NTP events keep the agent's synced flag
+//! usr/libexec/blackbox/ntp-synced      the same for busybox `ntpd -S`
 //! boot/blackbox-cmdline.txt            kernel command-line fragment (memmap= on x86/MIPS)
 //! boot/blackbox-reserved-memory.dtsi   reserved-memory nodes (device-tree boards only)
 //! SHA256SUMS                           of every file above
@@ -280,12 +282,53 @@ mod tests {
     #[test]
     fn templates_are_complete() {
         let t = templates();
-        for f in ["etc/init.d/S50blackbox", "etc/init.d/blackbox"] {
+        for f in [
+            "etc/init.d/S50blackbox",
+            "etc/init.d/blackbox",
+            "etc/hotplug.d/ntp/50-blackbox",
+            "usr/libexec/blackbox/ntp-synced",
+        ] {
             let mode = std::fs::metadata(t.join(f)).map(|m| m.permissions().mode());
             assert!(mode.is_ok_and(|m| m & 0o111 != 0), "{f} must be executable");
         }
         let toml = std::fs::read_to_string(t.join("etc/blackbox/agent.toml")).unwrap_or_default();
         assert!(toml.contains("board = \"@BOARD@\""), "{toml}");
+    }
+
+    /// The NTP hook keeps the synced flag: set on a step, and on a stratum event or the
+    /// periodic one while the stratum is below 16; cleared at stratum 16 and on unsync; other
+    /// events leave it alone.
+    #[test]
+    fn the_ntp_hook_keeps_the_synced_flag() {
+        let dir = std::env::temp_dir().join(format!("bb-ntp-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let flag = dir.join("run/blackbox.synced");
+        let hook = templates().join("usr/libexec/blackbox/ntp-synced");
+        let event = |args: &[&str], stratum: Option<&str>| {
+            let mut c = std::process::Command::new("sh");
+            c.arg(&hook).args(args).env("BLACKBOX_SYNCED_FLAG", &flag);
+            match stratum {
+                Some(s) => c.env("stratum", s),
+                None => c.env_remove("stratum"),
+            };
+            assert!(c.status().is_ok_and(|s| s.success()), "{args:?}");
+            flag.exists()
+        };
+        assert!(!event(&["periodic"], None), "no stratum: not synchronised");
+        assert!(event(&["step"], None), "the clock was set");
+        assert!(
+            event(&["bogus"], Some("16")),
+            "unknown events change nothing"
+        );
+        assert!(!event(&["stratum"], Some("16")));
+        assert!(event(&["stratum"], Some("2")));
+        assert!(event(&["periodic"], Some("3")));
+        assert!(!event(&["unsync"], Some("3")));
+        assert!(
+            !event(&["stratum"], Some("x")),
+            "a stratum that is not a number"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// OpenWrt's procd script, run by `sh` with procd, `mkdir` and the agent stubbed: the
