@@ -287,13 +287,28 @@ fn hold_a_request_open(port: u16, hold: Duration) -> std::thread::JoinHandle<()>
     })
 }
 
+/// A receiver on a fresh local-directory store under `tmp` (segments closed after 100 ms):
+/// the store's directory, its URL and the server.
+fn local_receiver(tmp: &std::path::Path) -> (std::path::PathBuf, String, Server) {
+    let dir = tmp.join("store");
+    let store = format!("file://{}", dir.display());
+    let server = Server::start(&store, vec![], &["--segment-max-age-ms", "100"], tmp);
+    (dir, store, server)
+}
+
+/// Waits (up to 30 s) until the store holds at least `n` lines.
+fn wait_stored(store: &str, n: usize) -> bool {
+    wait_until(Duration::from_secs(30), || {
+        read_store(store, &[]).len() >= n
+    })
+}
+
 /// Records the kernel overwrote before the agent read them (a sequence jump, as after EPIPE on
 /// /dev/kmsg) arrive as one gap record saying exactly how many and which.
 #[test]
 fn lost_kernel_records_become_an_exact_gap_record() {
     let tmp = tempfile::tempdir().unwrap();
-    let store = format!("file://{}", tmp.path().join("store").display());
-    let server = Server::start(&store, vec![], &["--segment-max-age-ms", "100"], tmp.path());
+    let (_, store, server) = local_receiver(tmp.path());
     let mut kmsg = KmsgFile::new(tmp.path().join("kmsg"));
     kmsg.append(100, "k");
     kmsg.next = 150; // 100..=149 never reach the agent
@@ -305,12 +320,7 @@ fn lost_kernel_records_become_an_exact_gap_record() {
         "gappy",
         &["--interval", "0.3"],
     );
-    assert!(wait_until(Duration::from_secs(30), || read_store(
-        &store,
-        &[]
-    )
-    .len()
-        >= 151));
+    assert!(wait_stored(&store, 151));
     let lines = read_store(&store, &[]);
     let seqs: Vec<u64> = lines.iter().map(|l| l.seq).collect();
     let mut expected: Vec<u64> = (0..=100).collect();
@@ -329,9 +339,7 @@ fn lost_kernel_records_become_an_exact_gap_record() {
 #[test]
 fn stored_segments_read_with_zcat_and_duckdb() {
     let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("store");
-    let store = format!("file://{}", dir.display());
-    let server = Server::start(&store, vec![], &["--segment-max-age-ms", "100"], tmp.path());
+    let (dir, store, server) = local_receiver(tmp.path());
     let mut kmsg = KmsgFile::new(tmp.path().join("kmsg"));
     kmsg.append(300, "wifi \"ap\" é");
     let _agent = Agent::start(
@@ -341,12 +349,7 @@ fn stored_segments_read_with_zcat_and_duckdb() {
         "std-tools",
         &["--interval", "0.3", "--block-size", "4096"],
     );
-    assert!(wait_until(Duration::from_secs(30), || read_store(
-        &store,
-        &[]
-    )
-    .len()
-        >= 300));
+    assert!(wait_stored(&store, 300));
 
     let segs: Vec<String> = list_store(&store, &[], "raw/")
         .into_iter()
@@ -383,9 +386,7 @@ fn stored_segments_read_with_zcat_and_duckdb() {
 #[test]
 fn chunks_say_whether_ntp_had_the_clock() {
     let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("store");
-    let store = format!("file://{}", dir.display());
-    let server = Server::start(&store, vec![], &["--segment-max-age-ms", "100"], tmp.path());
+    let (dir, store, server) = local_receiver(tmp.path());
     let mut kmsg = KmsgFile::new(tmp.path().join("kmsg"));
     let flag = tmp.path().join("run/blackbox.synced");
     let conf = tmp.path().join("agent.toml");
@@ -402,21 +403,11 @@ fn chunks_say_whether_ntp_had_the_clock() {
         "ntp",
         &["--interval", "0.3", "--config", conf.to_str().unwrap()],
     );
-    assert!(wait_until(Duration::from_secs(30), || read_store(
-        &store,
-        &[]
-    )
-    .len()
-        >= 20));
+    assert!(wait_stored(&store, 20));
     std::fs::create_dir_all(flag.parent().unwrap()).unwrap();
     std::fs::write(&flag, b"").unwrap();
     kmsg.append(20, "after ntp");
-    assert!(wait_until(Duration::from_secs(30), || read_store(
-        &store,
-        &[]
-    )
-    .len()
-        >= 40));
+    assert!(wait_stored(&store, 40));
     // (first seq, last seq, synced) of every stored chunk, from the chunk headers.
     let mut chunks = Vec::new();
     for key in list_store(&store, &[], "raw/") {
