@@ -86,10 +86,11 @@ fn one_compaction_at_a_time(url: &str, env: &[(String, String)]) {
     );
 
     // A lock of another host: live until it expires, whether or not that host is still there.
-    let elsewhere = |n: u64, expires_us: i64| {
+    let put_lock = |n: u64, host: &str, pid_ns: &str, pid: u32, expires_us: i64| {
         let f = LockFile {
-            host: "compactor-on-another-host".into(),
-            pid: 1,
+            host: host.into(),
+            pid_ns: pid_ns.into(),
+            pid,
             since_us: now_us(),
             expires_us,
         };
@@ -99,11 +100,27 @@ fn one_compaction_at_a_time(url: &str, env: &[(String, String)]) {
         ))
         .unwrap();
     };
-    elsewhere(7, now_us() + 60_000_000);
+    let soon = now_us() + 60_000_000;
+    put_lock(7, "compactor-on-another-host", "", 1, soon);
     let (ok, err) = compact(url, env);
     assert!(!ok);
     assert!(err.contains("compactor-on-another-host"), "{err}");
-    elsewhere(8, now_us() - 1);
+    put_lock(8, "compactor-on-another-host", "", 1, now_us() - 1);
+    server_ok(&["compact", "--store", url, "--auto"], env);
+    assert!(rt.block_on(lock_keys(&store)).is_empty());
+
+    // This host's name: a process that is gone holds nothing if it was in this PID namespace,
+    // and holds until expiry if it was in another (a container with the same host name).
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    let ns = std::fs::read_link("/proc/self/ns/pid").unwrap();
+    let mut child = std::process::Command::new("true").spawn().unwrap();
+    child.wait().unwrap();
+    let gone = child.id();
+    put_lock(9, host.trim(), "pid:[1]", gone, soon);
+    let (ok, err) = compact(url, env);
+    assert!(!ok, "a process id of another namespace says nothing here");
+    assert!(err.contains(&format!("pid {gone}")), "{err}");
+    put_lock(10, host.trim(), &ns.display().to_string(), gone, soon);
     server_ok(&["compact", "--store", url, "--auto"], env);
     assert!(rt.block_on(lock_keys(&store)).is_empty());
 

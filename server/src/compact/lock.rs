@@ -10,8 +10,9 @@
 //! creating the next number itself; a compactor that finds a higher number (it stalled past its
 //! lease and another took over) stops before it changes anything.
 //!
-//! A lease is live until its expiry (`--lock-ttl`), and a holder on this host whose process is
-//! gone (a crash, a kill) holds nothing: the next run goes ahead at once. Hosts' clocks must agree
+//! A lease is live until its expiry (`--lock-ttl`), and a holder on this host (same host name
+//! and PID namespace: containers may share a name) whose process is gone (a crash, a kill)
+//! holds nothing: the next run goes ahead at once. Hosts' clocks must agree
 //! to well within half the lease. An unreadable lock object is taken as expired (and said so).
 use std::time::Duration;
 
@@ -31,6 +32,10 @@ pub const LOCKS: &str = "compact/lock/";
 pub struct LockFile {
     /// Host name.
     pub host: String,
+    /// The holder's PID namespace (`/proc/self/ns/pid`): containers can share a host name
+    /// but not their process ids.
+    #[serde(default)]
+    pub pid_ns: String,
     /// Process id there.
     pub pid: u32,
     /// When the lease was taken or extended (µs since the epoch).
@@ -40,12 +45,13 @@ pub struct LockFile {
 }
 
 impl LockFile {
-    /// Does it still hold the store (not expired, and not a dead process of this host)?
-    fn live(&self, host: &str, now: i64) -> bool {
+    /// Does it still hold the store (not expired, and not a dead process of this host's
+    /// PID namespace)?
+    fn live(&self, me: &Me, now: i64) -> bool {
         if now >= self.expires_us {
             return false;
         }
-        if self.host != host {
+        if self.host != me.host || self.pid_ns.is_empty() || self.pid_ns != me.pid_ns {
             return true;
         }
         // Signal 0 tests that the process exists; EPERM means it does (another user's).
@@ -71,13 +77,26 @@ impl LockFile {
     }
 }
 
-/// This host's name (as the kernel has it), to tell this host's crashed holders apart.
-fn host_name() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_owned())
-        .ok()
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "unknown-host".into())
+/// Who this process is, to tell its host's crashed holders apart: the host name (as the
+/// kernel has it) and the PID namespace its process ids mean something in.
+#[derive(Debug)]
+struct Me {
+    host: String,
+    pid_ns: String,
+}
+
+impl Me {
+    fn now() -> Self {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .ok()
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "unknown-host".into());
+        let pid_ns = std::fs::read_link("/proc/self/ns/pid")
+            .map(|p| p.display().to_string())
+            .unwrap_or_default();
+        Self { host, pid_ns }
+    }
 }
 
 fn lock_key(n: u64) -> String {
@@ -110,7 +129,7 @@ async fn read(store: &Store, n: u64) -> anyhow::Result<Option<Option<LockFile>>>
 /// The store's compaction lock, held.
 #[derive(Debug)]
 pub struct StoreLock {
-    host: String,
+    me: Me,
     ttl_us: i64,
     held: tokio::sync::Mutex<Held>,
 }
@@ -125,7 +144,7 @@ impl StoreLock {
     /// Takes the store's compaction lock for `ttl`, or says who holds it.
     pub async fn acquire(store: &Store, ttl: Duration) -> anyhow::Result<Self> {
         let lock = Self {
-            host: host_name(),
+            me: Me::now(),
             ttl_us: i64::try_from(ttl.as_micros()).unwrap_or(i64::MAX).max(1),
             held: tokio::sync::Mutex::new(Held {
                 n: 0,
@@ -137,7 +156,7 @@ impl StoreLock {
             None => 0,
             Some(&n) => {
                 match read(store, n).await? {
-                    Some(Some(f)) if f.live(&lock.host, now) => bail!(
+                    Some(Some(f)) if f.live(&lock.me, now) => bail!(
                         "another compaction holds this store's lock: {}; it runs out by itself \
                          if that compaction is gone ({}{})",
                         f.describe(),
@@ -165,7 +184,8 @@ impl StoreLock {
     /// Creates lock object `n` for this process, if no one has: returns its expiry.
     async fn create(&self, store: &Store, n: u64, now: i64) -> anyhow::Result<i64> {
         let file = LockFile {
-            host: self.host.clone(),
+            host: self.me.host.clone(),
+            pid_ns: self.me.pid_ns.clone(),
             pid: std::process::id(),
             since_us: now,
             expires_us: now.saturating_add(self.ttl_us),
