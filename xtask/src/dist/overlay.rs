@@ -295,6 +295,124 @@ mod tests {
         assert!(toml.contains("board = \"@BOARD@\""), "{toml}");
     }
 
+    /// The busybox init script, run by `sh` against a stub agent (its paths from
+    /// `$BLACKBOX_DEFAULTS`): `start` writes the identity line into the kernel log and runs the
+    /// agent with the configured state directory, the supervisor starts it again after it dies,
+    /// `status` says so, and `stop` ends the supervisor and the agent.
+    #[test]
+    fn the_busybox_script_supervises_the_agent() {
+        use std::time::{Duration, Instant};
+        let dir = std::env::temp_dir().join(format!("bb-s50-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("run")).unwrap_or_default();
+        let d = dir.display();
+        let agent = dir.join("agent");
+        std::fs::write(
+            &agent,
+            format!(
+                "#!/bin/sh\n\
+                 echo \"$*\" >>'{d}/calls'\n\
+                 case \"$1\" in\n\
+                 identity) echo 'sha256:00  dev-1' ;;\n\
+                 logos) cat >>'{d}/kmsg' ;;\n\
+                 run) exec sleep 30 ;;\n\
+                 esac\n"
+            ),
+        )
+        .unwrap_or_default();
+        let _ = std::fs::set_permissions(&agent, std::fs::Permissions::from_mode(0o755));
+        std::fs::write(
+            dir.join("agent.toml"),
+            format!("[run]\nstate_dir = \"{d}/state\"\n"),
+        )
+        .unwrap_or_default();
+        let defaults = dir.join("defaults");
+        std::fs::write(
+            &defaults,
+            format!(
+                "AGENT='{d}/agent'\nCONFIG='{d}/agent.toml'\nPIDFILE='{d}/run/bb.pid'\n\
+                 AGENT_PIDFILE='{d}/run/agent.pid'\nRESPAWN_DELAY=1\nPSTORE='{d}/no-pstore'\n"
+            ),
+        )
+        .unwrap_or_default();
+        let script = templates().join("etc/init.d/S50blackbox");
+        // Its output through a pipe, as a shell or ssh takes it: a supervisor left holding the
+        // pipe (dash keeps a copy of redirected descriptors) would make the caller hang.
+        let rc = |arg: &str| {
+            let child = std::process::Command::new("sh")
+                .arg(&script)
+                .arg(arg)
+                .env("BLACKBOX_DEFAULTS", &defaults)
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn();
+            let child = child.unwrap_or_else(|e| panic!("sh: {e}"));
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                let _ = tx.send(child.wait_with_output());
+            });
+            let out = rx.recv_timeout(Duration::from_secs(10));
+            let out = out.unwrap_or_else(|_| panic!("`{arg}` kept its caller's output open"));
+            let out = out.unwrap_or_else(|e| panic!("sh: {e}"));
+            (
+                out.status.code(),
+                String::from_utf8_lossy(&out.stdout).into_owned(),
+            )
+        };
+        // Whatever happens, stop the supervisor and remove the files.
+        struct Stop(PathBuf, PathBuf, PathBuf);
+        impl Drop for Stop {
+            fn drop(&mut self) {
+                let _ = std::process::Command::new("sh")
+                    .arg(&self.0)
+                    .arg("stop")
+                    .env("BLACKBOX_DEFAULTS", &self.1)
+                    .output();
+                let _ = std::fs::remove_dir_all(&self.2);
+            }
+        }
+        let _stop = Stop(script.clone(), defaults.clone(), dir.clone());
+        let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap_or_default();
+        let runs = || {
+            read("calls")
+                .lines()
+                .filter(|l| *l == format!("run --config {d}/agent.toml --state-dir {d}/state"))
+                .count()
+        };
+        let until = |what: &dyn Fn() -> bool| {
+            let t = Instant::now();
+            while !what() && t.elapsed() < Duration::from_secs(10) {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            what()
+        };
+
+        assert_eq!(rc("start"), (Some(0), "blackbox: started\n".into()));
+        assert!(until(&|| runs() == 1), "{}", read("calls"));
+        assert!(read("calls").starts_with(&format!("identity --state-dir {d}/state\n")));
+        assert!(
+            until(&|| read("kmsg").contains("sha256:00  dev-1")),
+            "{}",
+            read("kmsg")
+        );
+        assert!(dir.join("state").is_dir());
+        assert_eq!(rc("status").0, Some(0));
+        // The agent dies: the supervisor logs it and starts it again.
+        let pid = read("run/agent.pid");
+        assert!(
+            std::process::Command::new("kill")
+                .arg(pid.trim())
+                .status()
+                .is_ok_and(|s| s.success())
+        );
+        assert!(until(&|| runs() == 2), "{}", read("calls"));
+        assert!(read("kmsg").contains("blackbox-agent run exited with status"));
+        assert_eq!(rc("stop"), (Some(0), "blackbox: stopped\n".into()));
+        assert_eq!(rc("status").0, Some(3));
+        assert!(!dir.join("run/agent.pid").exists() && !dir.join("run/bb.pid").exists());
+        assert_eq!(runs(), 2, "not started again after stop");
+    }
+
     /// The NTP hook keeps the synced flag: set on a step, and on a stratum event or the
     /// periodic one while the stratum is below 16; cleared at stratum 16 and on unsync; other
     /// events leave it alone.
