@@ -100,9 +100,19 @@ fn read_one(path: &Path, name: PstoreName, max_bytes: usize) -> Result<PstoreFil
         kind: name.kind,
         id: name.id,
         compressed: name.compressed,
-        mtime: meta.modified().ok(),
+        mtime: mtime(path),
         dump,
     })
+}
+
+/// The file's mtime, through rustix (statx where the old `stat` has a 32-bit time, as on armv7
+/// and MIPS): std's `modified()` reads it through the libc crate's 32-bit `time_t` on 32-bit
+/// musl, which runs out in 2038.
+fn mtime(path: &Path) -> Option<SystemTime> {
+    let st = rustix::fs::lstat(path).ok()?;
+    let secs = u64::try_from(st.st_mtime).ok()?;
+    let nanos = u32::try_from(st.st_mtime_nsec).ok()?;
+    UNIX_EPOCH.checked_add(std::time::Duration::new(secs, nanos))
 }
 
 /// (kind, mtime in whole seconds, dump counter, part descending, id, path); see the module
