@@ -392,31 +392,33 @@ struct Ground {
     read: SourceRead,
     chunks: Vec<GroundChunk>,
     inflated: u64,
-    /// Events in `chunks`.
-    events: usize,
-    /// All of them gzipped, one gzip member.
+    /// All the events of `chunks` gzipped, one gzip member (empty when there are none).
     gz: Vec<u8>,
 }
 
-/// Inflates and grinds the chunks of a read ([`grind_members`]).
-/// Also gzips all the events as one gzip member here, on the grinding threads: deduplication
-/// (in order, afterwards) almost always keeps them all, and then takes the member as it is.
+impl Ground {
+    /// Events in its chunks.
+    fn events(&self) -> usize {
+        self.chunks.iter().map(|c| c.events.len()).sum()
+    }
+}
+
+/// Inflates and grinds the chunks of a read ([`grind_members`]), and gzips all their events
+/// as one gzip member, here on the grinding threads: deduplication (in order, afterwards)
+/// almost always keeps them all, and then takes the member as it is.
 fn grind_read(mut read: SourceRead, rules: &Rules, limits: &Limits) -> Ground {
     let members = std::mem::take(&mut read.members);
     let (chunks, inflated) = grind_members(members, rules, limits, &mut read.problems);
-    let events = chunks.iter().map(|c| c.events.len()).sum();
-    let gz = if events > 0 {
-        events_bytes(chunks.iter().map(|c| c.ndjson.as_slice()))
-    } else {
-        Vec::new()
-    };
-    Ground {
+    let mut g = Ground {
         read,
         chunks,
         inflated,
-        events,
-        gz,
+        gz: Vec::new(),
+    };
+    if g.events() > 0 {
+        g.gz = events_bytes(g.chunks.iter().map(|c| c.ndjson.as_slice()));
     }
+    g
 }
 
 /// Inflates and grinds chunks one by one, each into the same buffer while its text is in the
@@ -872,7 +874,8 @@ impl Grinder {
     /// Reads, grinds and gzips `todo` (`parallel` pieces at a time, a large source in pieces
     /// of `piece_bytes`), then in order: drops duplicates (a piece that had some is gzipped
     /// again without them), appends each piece's gzip member, and when a source's last piece is
-    /// done writes its events object, counts them and marks the source done. Returns how many were done (vanished ones are not: nothing of them counts).
+    /// done writes its events object, counts them and marks the source done. Returns how many
+    /// were done (vanished ones are not: nothing of them counts).
     async fn grind_sources(
         &mut self,
         todo: Vec<Source>,
@@ -907,7 +910,7 @@ impl Grinder {
                 sg.vanished = true;
             } else if !sg.vanished {
                 let events = self.dedupe_piece(&g, &mut sg.seen);
-                if events.len() == g.events {
+                if events.len() == g.events() {
                     sg.events.extend_from_slice(&g.gz);
                 } else if !events.is_empty() {
                     // Duplicates dropped: gzip what is left.

@@ -575,12 +575,9 @@ impl SourceRead {
 
     /// Inflates the fetched members into `chunks`; a member that does not decode is a problem.
     pub fn inflate(&mut self, limits: &Limits) {
-        for m in std::mem::take(&mut self.members) {
-            match m.decode(limits, Vec::new()) {
-                Ok(d) => self.chunks.push(d),
-                Err(e) => self.problems.push(e),
-            }
-        }
+        let members = std::mem::take(&mut self.members);
+        let chunks = decode_members(members, limits, &mut self.problems);
+        self.chunks.extend(chunks);
     }
 }
 
@@ -656,8 +653,18 @@ pub fn decode_all(
     limits: &Limits,
     problems: &mut Vec<String>,
 ) -> Vec<Decoded> {
-    let mut out = Vec::new();
-    for m in members_all(key, bytes, problems) {
+    let members = members_all(key, bytes, problems);
+    decode_members(members, limits, problems)
+}
+
+/// Inflates `members`, each into its own buffer; a member that does not decode is a problem.
+fn decode_members(
+    members: Vec<Member>,
+    limits: &Limits,
+    problems: &mut Vec<String>,
+) -> Vec<Decoded> {
+    let mut out = Vec::with_capacity(members.len());
+    for m in members {
         match m.decode(limits, Vec::new()) {
             Ok(d) => out.push(d),
             Err(e) => problems.push(e),
