@@ -18,9 +18,10 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use object_store::path::Path;
-use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use object_store::{PutMode, PutOptions, PutPayload};
 use serde::{Deserialize, Serialize};
 
+use crate::reader::{delete, get_opt};
 use crate::store::Store;
 use crate::timespec::{now_us, rfc3339};
 
@@ -119,11 +120,10 @@ async fn numbers(store: &Store) -> anyhow::Result<Vec<u64>> {
 /// The lock object `n`: `None` when it is gone; `Some(None)` when it does not parse.
 async fn read(store: &Store, n: u64) -> anyhow::Result<Option<Option<LockFile>>> {
     let key = lock_key(n);
-    match store.get(&key).await {
-        Ok(b) => Ok(Some(serde_json::from_slice(&b).ok())),
-        Err(object_store::Error::NotFound { .. }) => Ok(None),
-        Err(e) => Err(e).with_context(|| format!("reading {key}")),
-    }
+    let bytes = get_opt(store, &key)
+        .await
+        .with_context(|| format!("reading {key}"))?;
+    Ok(bytes.map(|b| serde_json::from_slice(&b).ok()))
 }
 
 /// The store's compaction lock, held.
@@ -219,7 +219,7 @@ impl StoreLock {
     async fn forget_before(&self, store: &Store, n: u64) {
         if let Ok(old) = numbers(store).await {
             for o in old.into_iter().filter(|&o| o < n) {
-                let _ = store.object_store().delete(&Path::from(lock_key(o))).await;
+                let _ = delete(store, &lock_key(o)).await;
             }
         }
     }
@@ -252,11 +252,7 @@ impl StoreLock {
     /// Gives the lock up (best effort: a lock left behind runs out, or is known dead).
     pub async fn release(&self, store: &Store) {
         let held = self.held.lock().await;
-        if let Err(e) = store
-            .object_store()
-            .delete(&Path::from(lock_key(held.n)))
-            .await
-        {
+        if let Err(e) = delete(store, &lock_key(held.n)).await {
             tracing::warn!(error = %e, "could not delete the compaction lock; it runs out by itself");
         }
     }
