@@ -389,7 +389,14 @@ mod tests {
 
         assert_eq!(rc("start"), (Some(0), "blackbox: started\n".into()));
         assert!(until(&|| runs() == 1), "{}", read("calls"));
-        assert!(read("calls").starts_with(&format!("identity --state-dir {d}/state\n")));
+        // The identity is made before the agent runs (`logos` may come first: it runs beside
+        // `identity`, in the same pipeline).
+        let calls = read("calls");
+        let identity = calls.find(&format!("identity --state-dir {d}/state\n"));
+        assert!(
+            identity.is_some_and(|i| calls.find("run --config").is_some_and(|r| i < r)),
+            "{calls}"
+        );
         assert!(
             until(&|| read("kmsg").contains("sha256:00  dev-1")),
             "{}",
