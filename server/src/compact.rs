@@ -47,7 +47,7 @@
 //! ([`lock`], an object in the store, so it holds across hosts) and checks it before every step
 //! that deletes or switches readers. Two compactions running over the same hour or day would fail
 //! with "vanished" or delete each other's outputs.
-pub mod lock;
+pub use crate::lease as lock;
 mod merge;
 
 use std::collections::BTreeSet;

@@ -39,6 +39,7 @@ use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
 use crate::dedup::{Overlap, Runs, Seen};
+use crate::lease::{Scope, StoreLock};
 use crate::reader::{self, Decoded, Filter, Member, Source, SourceRead, get_opt};
 use crate::reducer::{Reducer, SeriesKey};
 use crate::rules::{Hit, Rules};
@@ -99,6 +100,9 @@ pub struct GrindConfig {
     /// Test hook: abort at a named point (`after-events-put`, `after-checkpoint`), after it
     /// was passed this many times.
     pub fault: Option<(String, u64)>,
+    /// How long the checkpoint's lock lasts unless extended ([`crate::lease`]): one grinder
+    /// per checkpoint grinds, the others wait. `None`: no lock (the caller makes sure).
+    pub lock_ttl: Option<Duration>,
 }
 
 impl Default for GrindConfig {
@@ -116,6 +120,7 @@ impl Default for GrindConfig {
             parallel: std::thread::available_parallelism().map_or(2, |n| n.get()),
             piece_bytes: reader::PIECE_BYTES,
             fault: None,
+            lock_ttl: Some(Duration::from_secs(60)),
         }
     }
 }
@@ -567,6 +572,8 @@ pub struct Grinder {
     saved_at: Instant,
     faults_passed: u64,
     reducer: Arc<Reducer>,
+    /// The checkpoint's lock, checked before every write.
+    lock: Option<Arc<StoreLock>>,
 }
 
 impl std::fmt::Debug for Grinder {
@@ -623,7 +630,17 @@ impl Grinder {
             saved_at: Instant::now(),
             faults_passed: 0,
             reducer,
+            lock: None,
         })
+    }
+
+    /// Before a write: is the checkpoint's lock still this grinder's? (Asks the store at most
+    /// every quarter of the lease, and extends the lease.)
+    async fn keep_lock(&self) -> anyhow::Result<()> {
+        match &self.lock {
+            Some(l) => l.keep(&self.store).await,
+            None => Ok(()),
+        }
     }
 
     fn fault(&mut self, point: &str) {
@@ -656,6 +673,7 @@ impl Grinder {
             .collect();
         seen.sort_by(|a, b| (&a.device, &a.boot).cmp(&(&b.device, &b.boot)));
         self.ckpt.seen = seen;
+        self.keep_lock().await?;
         let bytes = serde_json::to_vec(&self.ckpt)?;
         self.ckpt.seen = Vec::new();
         self.store
@@ -794,6 +812,7 @@ impl Grinder {
     async fn clear_hour(&mut self, hour: i64) -> anyhow::Result<()> {
         let prefix = format!("{}{}/", self.cfg.events_prefix, hour_path(hour));
         let old = self.store.list(&prefix).await?;
+        self.keep_lock().await?;
         for k in &old {
             reader::delete(&self.store, k).await?;
         }
@@ -937,6 +956,7 @@ impl Grinder {
             }
             if !sg.events.is_empty() {
                 let key = events_key(&self.cfg.events_prefix, src);
+                self.keep_lock().await?;
                 self.store
                     .put(&key, sg.events)
                     .await
@@ -1014,12 +1034,80 @@ fn stored_at(key: &str) -> Option<i64> {
 }
 
 /// Runs the grinder until stopped (or, with `once`, until everything present is ground).
-pub async fn run(store: Store, cfg: GrindConfig, reducer: Arc<Reducer>) -> anyhow::Result<()> {
+///
+/// Takes the checkpoint's lock first (unless `cfg.lock_ttl` is `None`): while another live
+/// grinder holds it, this one waits as a standby (or, with `once`, says who holds it and
+/// stops), so one grinder writes the checkpoint and counts events for `/metrics`. Stops
+/// when `shutdown` completes, and gives the lock up.
+pub async fn run(
+    store: Store,
+    cfg: GrindConfig,
+    reducer: Arc<Reducer>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    tokio::pin!(shutdown);
     let mut rules = RulesWatch::load(cfg.rules_path.clone())?;
     tracing::info!(rules = rules.current().len(), "rules loaded");
+    let lock = match cfg.lock_ttl {
+        None => None,
+        Some(ttl) => tokio::select! {
+            l = wait_for_lock(&store, &cfg, ttl) => Some(Arc::new(l?)),
+            () = &mut shutdown => return Ok(()),
+        },
+    };
+    reducer.set_active(true);
+    let r = tokio::select! {
+        r = grind_locked(store.clone(), cfg, reducer.clone(), rules, lock.clone()) => r,
+        () = &mut shutdown => Ok(()),
+    };
+    reducer.set_active(false);
+    if let Some(l) = lock {
+        l.release(&store).await;
+    }
+    r
+}
+
+/// Takes the checkpoint's lock, waiting while another live grinder holds it (`once`: says who
+/// holds it instead).
+async fn wait_for_lock(
+    store: &Store,
+    cfg: &GrindConfig,
+    ttl: Duration,
+) -> anyhow::Result<StoreLock> {
+    let scope = Scope::grinder(&cfg.checkpoint_key);
+    let every = (ttl / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
+    let mut said: Option<Instant> = None;
+    loop {
+        match StoreLock::try_acquire_in(store, scope.clone(), ttl).await? {
+            Ok(l) => {
+                if said.is_some() {
+                    tracing::info!("the other grinder is gone: this standby grinds now");
+                }
+                return Ok(l);
+            }
+            Err(busy) if cfg.once => anyhow::bail!("{busy}"),
+            Err(busy) => {
+                if said.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+                    tracing::warn!("{busy}; waiting as a standby, to take over when it stops");
+                    said = Some(Instant::now());
+                }
+                tokio::time::sleep(every).await;
+            }
+        }
+    }
+}
+
+async fn grind_locked(
+    store: Store,
+    cfg: GrindConfig,
+    reducer: Arc<Reducer>,
+    mut rules: RulesWatch,
+    lock: Option<Arc<StoreLock>>,
+) -> anyhow::Result<()> {
     let once = cfg.once;
     let poll = cfg.poll;
     let mut g = Grinder::open(store, cfg, reducer).await?;
+    g.lock = lock;
     if let Err(e) = g.seed_windows(&rules.current()).await {
         tracing::warn!(error = %format!("{e:#}"), "cannot seed the metrics windows from the stored events");
     }
@@ -1031,6 +1119,8 @@ pub async fn run(store: Store, cfg: GrindConfig, reducer: Arc<Reducer>) -> anyho
             return Ok(());
         }
         if idle {
+            // Idle, the lease is still extended (and a lost one noticed).
+            g.keep_lock().await?;
             tokio::time::sleep(poll).await;
         }
     }

@@ -43,6 +43,7 @@ pub mod dedup;
 pub mod devices;
 pub mod grep;
 pub mod grind;
+pub mod lease;
 pub mod metrics;
 pub mod narrative;
 mod prefilter;

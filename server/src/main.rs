@@ -128,6 +128,11 @@ struct GrindArgs {
     /// object's events so far, gzipped.
     #[arg(long, default_value_t = blackbox_server::reader::PIECE_BYTES)]
     piece_bytes: u64,
+    /// Seconds the checkpoint's lock lasts unless extended: one grinder per checkpoint grinds,
+    /// others wait as standbys and take over within this time of it dying on another host
+    /// (at once on this one).
+    #[arg(long, default_value_t = 60)]
+    lock_ttl: u64,
     /// Test hook: POINT[:N] aborts at POINT (after-events-put, after-checkpoint) after passing
     /// it N times.
     #[arg(long, hide = true)]
@@ -470,6 +475,7 @@ async fn grind_cmd(a: GrindArgs) -> anyhow::Result<()> {
         once: a.once,
         fault,
         piece_bytes: a.piece_bytes.max(1),
+        lock_ttl: Some(Duration::from_secs(a.lock_ttl.max(1))),
         ..Default::default()
     };
     if let Some(p) = a.parallel {
@@ -483,10 +489,7 @@ async fn grind_cmd(a: GrindArgs) -> anyhow::Result<()> {
         tracing::info!(listen = %listener.local_addr()?, "serving /metrics");
         tokio::spawn(blackbox_server::reducer::serve(listener, reducer.clone()));
     }
-    tokio::select! {
-        r = grind::run(store, cfg, reducer) => r,
-        _ = shutdown_signal() => Ok(()),
-    }
+    grind::run(store, cfg, reducer, shutdown_signal()).await
 }
 
 async fn narrative_cmd(a: NarrativeArgs) -> anyhow::Result<()> {

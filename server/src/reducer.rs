@@ -35,6 +35,8 @@ struct State {
 #[derive(Debug, Default)]
 pub struct Reducer {
     state: Mutex<State>,
+    /// This grinder holds its checkpoint's lock (not a standby).
+    active: std::sync::atomic::AtomicBool,
 }
 
 fn escape(v: &str) -> String {
@@ -136,6 +138,12 @@ impl Reducer {
         }
     }
 
+    /// Says whether this grinder grinds (holds its checkpoint's lock) or waits as a standby.
+    pub fn set_active(&self, active: bool) {
+        self.active
+            .store(active, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Prometheus text exposition at wall time `now_us`; drops minute buckets older than the
     /// longest window.
     pub fn render(&self, now_us: i64) -> String {
@@ -190,6 +198,11 @@ impl Reducer {
                 "# HELP blackbox_grind_{name}_total {help}\n# TYPE blackbox_grind_{name}_total counter\nblackbox_grind_{name}_total {v}"
             );
         }
+        let _ = writeln!(
+            out,
+            "# HELP blackbox_grind_active 1 while this grinder holds its checkpoint's lock and grinds, 0 while it waits as a standby.\n# TYPE blackbox_grind_active gauge\nblackbox_grind_active {}",
+            u8::from(self.active.load(std::sync::atomic::Ordering::Relaxed))
+        );
         if let Some(lag) = s.lag_us {
             let _ = writeln!(
                 out,

@@ -140,7 +140,7 @@ fn one_compaction_at_a_time(url: &str, env: &[(String, String)]) {
             .await
             .unwrap();
         let e = format!("{:#}", stalled.hold(&store).await.unwrap_err());
-        assert!(e.contains("lost the store's lock"), "{e}");
+        assert!(e.contains("lost this store's lock"), "{e}");
         taker.hold(&store).await.unwrap();
         let before = lock_keys(&store).await;
         tokio::time::sleep(Duration::from_millis(600)).await;
@@ -163,4 +163,69 @@ fn one_compaction_at_a_time_local_dir() {
 fn one_compaction_at_a_time_s3() {
     let weed = Weed::start().expect("SeaweedFS (run `cargo xtask test`, which installs it)");
     one_compaction_at_a_time(&weed.store_url("lock"), &weed.env());
+}
+
+/// The grinder's lock is its checkpoint's: independent of the compaction lock and of other
+/// checkpoints' locks. A second grinder is told who holds it. `keep` (before every write of
+/// the grinder) trusts the lease for a quarter of it without asking the store, then asks:
+/// a lock another process took is noticed then.
+#[test]
+fn a_grinders_lock_is_its_checkpoints() {
+    use blackbox_server::lease::Scope;
+    let tmp = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", tmp.path().display());
+    let store = Store::open(&url).unwrap();
+    let scope = Scope::grinder("grind/checkpoint.json");
+    assert_eq!(scope.prefix(), "grind/checkpoint.lock/");
+    rt().block_on(async {
+        let ttl = Duration::from_millis(800);
+        let g = StoreLock::acquire_in(&store, scope.clone(), ttl)
+            .await
+            .unwrap();
+        let other = StoreLock::acquire_in(&store, Scope::grinder("regrind/ckpt.json"), ttl)
+            .await
+            .unwrap();
+        let compaction = StoreLock::acquire(&store, ttl).await.unwrap();
+        let busy = StoreLock::try_acquire_in(&store, scope.clone(), ttl)
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert!(
+            busy.contains("another grinder holds the lock of grind/checkpoint.json"),
+            "{busy}"
+        );
+
+        // Another host takes it (as if this one had stalled past its lease).
+        let keys = store.list("grind/checkpoint.lock/").await.unwrap();
+        assert_eq!(keys.len(), 1, "{keys:?}");
+        let n: u64 = keys[0]["grind/checkpoint.lock/".len()..]
+            .trim_end_matches(".json")
+            .parse()
+            .unwrap();
+        let file = LockFile {
+            host: "elsewhere".into(),
+            pid_ns: String::new(),
+            pid: 1,
+            since_us: now_us(),
+            expires_us: now_us() + 60_000_000,
+        };
+        store
+            .put(
+                &format!("grind/checkpoint.lock/{:020}.json", n + 1),
+                serde_json::to_vec(&file).unwrap(),
+            )
+            .await
+            .unwrap();
+        g.keep(&store)
+            .await
+            .expect("trusted within a quarter of the lease");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let e = format!("{:#}", g.keep(&store).await.unwrap_err());
+        assert!(
+            e.contains("this grinder lost the lock of grind/checkpoint.json"),
+            "{e}"
+        );
+        other.hold(&store).await.unwrap();
+        compaction.hold(&store).await.unwrap();
+    });
 }

@@ -449,3 +449,125 @@ fn follows_reloads_counts_and_regrinds() {
     again.wait().unwrap();
     assert!(served, "{want} not served after a restart");
 }
+
+/// Two grinders on one checkpoint: one grinds and counts; the other waits as a standby
+/// (serving `blackbox_grind_active 0` and no counts, so a dashboard sees nothing twice), and a
+/// `--once` run says who holds the lock. When the grinding one is killed, the standby takes
+/// over from the checkpoint: what comes next is ground, nothing twice. A stopped grinder gives
+/// the lock up.
+#[test]
+fn a_second_grinder_stands_by_and_takes_over() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = format!("file://{}", tmp.path().join("store").display());
+    let server = Server::start(&store, vec![], &["--segment-max-age-ms", "50"], tmp.path());
+    let sync = SyncPoint {
+        mono_us: 0,
+        wall_us: now_us(),
+        synced: true,
+    };
+    let send = |seq: u64| {
+        let recs: Vec<Rec> = vec![(
+            seq,
+            seq * 1000,
+            format!("Out of memory: Killed process {seq} (dnsmasq) total-vm:12345kB"),
+        )];
+        assert_eq!(
+            post(&server.url(), "dev-h", &encode("dev-h", 5, sync, &recs)),
+            Ok(201)
+        );
+    };
+    let ooms = || {
+        let mut seqs: Vec<u64> = events(&store, "events/")
+            .iter()
+            .filter(|e| e.name == "oom_kill")
+            .map(|e| e.seq)
+            .collect();
+        seqs.sort_unstable();
+        seqs
+    };
+    let grinder = |name: &str| {
+        let port = blackbox_tests::harness::free_port();
+        let log = tmp.path().join(format!("{name}.log"));
+        let child = Command::new(bin("blackbox-server"))
+            .args(["grind", "--store", &store, "--checkpoint-every-ms", "0"])
+            // A short lease: extended every 2 s while the test runs, a standby looks every 1 s.
+            .args(["--lock-ttl", "4"])
+            .args(["--metrics-listen", &format!("127.0.0.1:{port}")])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        (child, port, log)
+    };
+    let metrics = |port: u16| {
+        ureq::get(format!("http://127.0.0.1:{port}/metrics"))
+            .call()
+            .ok()
+            .and_then(|r| r.into_body().read_to_string().ok())
+            .unwrap_or_default()
+    };
+    let log = |p: &std::path::Path| std::fs::read_to_string(p).unwrap_or_default();
+
+    send(1);
+    let (mut a, a_port, a_log) = grinder("a");
+    assert!(
+        wait_until(Duration::from_secs(20), || ooms() == [1]
+            && metrics(a_port).contains("blackbox_grind_active 1")),
+        "the first grinder did not grind; log:\n{}",
+        log(&a_log)
+    );
+    let (mut b, b_port, b_log) = grinder("b");
+    assert!(
+        wait_until(Duration::from_secs(20), || log(&b_log)
+            .contains("waiting as a standby")
+            && metrics(b_port).contains("blackbox_grind_active 0")),
+        "the second grinder is not a standby; log:\n{}",
+        log(&b_log)
+    );
+    let once = server_cmd(&["grind", "--store", &store, "--once"], &[]);
+    let err = String::from_utf8_lossy(&once.stderr);
+    assert!(
+        !once.status.success()
+            && err.contains("another grinder holds the lock of grind/checkpoint.json"),
+        "{err}"
+    );
+
+    send(2);
+    assert!(wait_until(Duration::from_secs(20), || ooms() == [1, 2]));
+    let standby = metrics(b_port);
+    assert!(
+        standby.contains("blackbox_grind_active 0") && !standby.contains("blackbox_events_total{"),
+        "a standby counts nothing:\n{standby}"
+    );
+
+    // The grinding one dies (SIGKILL: its lock is left behind, held by a dead process).
+    a.kill().unwrap();
+    a.wait().unwrap();
+    send(3);
+    assert!(
+        wait_until(Duration::from_secs(20), || ooms() == [1, 2, 3]),
+        "the standby did not take over: {:?}; log:\n{}",
+        ooms(),
+        log(&b_log)
+    );
+    let active = metrics(b_port);
+    assert!(
+        active.contains("blackbox_grind_active 1")
+            && active.contains("blackbox_events_total{name=\"oom_kill\",process=\"dnsmasq\"} 1"),
+        "the new grinder counts what it ground, once:\n{active}"
+    );
+    assert!(log(&b_log).contains("this standby grinds now"));
+
+    // Stopped gracefully, it gives the lock up.
+    let st = Command::new("kill")
+        .args(["-TERM", &b.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    assert!(b.wait().unwrap().success(), "log:\n{}", log(&b_log));
+    let locks: Vec<_> = std::fs::read_dir(tmp.path().join("store/grind/checkpoint.lock"))
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(locks.is_empty(), "{locks:?}");
+    assert_eq!(ooms(), [1, 2, 3]);
+}
