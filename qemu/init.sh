@@ -9,7 +9,8 @@
 #   network goes down and the apps print as many lines again, which only the agent's ring in
 #   reserved memory holds; a marker line; every kmsg record is copied to the console between
 #   `BBTEST: kmsg begin` and `BBTEST: kmsg end`; `echo c > /proc/sysrq-trigger`; panic=1 reboots.
-#   Boot 2: the agent uploads what the ring kept and the pstore dump, and the host stops QEMU
+#   Boot 2: the board's init script (etc/init.d/S50blackbox) starts the agent, which uploads
+#   what the ring kept and the pstore dump, and the host stops QEMU
 #   once the store holds everything. A spare reserved page (SCRATCH, through devmem) counts the
 #   boots: RAM survives the reboot.
 # MODE=once: boot 1 without the network going down and without the panic.
@@ -126,7 +127,19 @@ fi
 
 if [ "$boot" = 2 ]; then
 	say "pstore:$(ls /sys/fs/pstore 2>/dev/null | tr '\n' ' ')"
-	agent
+	# As on a device: the board's init script (board-support/overlay/etc/init.d/S50blackbox,
+	# with /etc/default/blackbox naming this image's agent) starts and supervises the agent,
+	# whose settings are in agent.toml's [run]; the identity is the one boot 1 used.
+	cat >>/etc/blackbox/agent.toml <<-EOF
+		[run]
+		server = "$SERVER"
+		server_ca = "/etc/blackbox/ca.pem"
+		board = "$BOARD"
+		device_id = "$DEVICE"
+		interval = 1
+	EOF
+	/etc/init.d/S50blackbox start
+	say "init-script $(/etc/init.d/S50blackbox status)"
 	forever
 fi
 

@@ -248,7 +248,9 @@ pub(crate) fn run(args: QemuArgs) -> Result<()> {
                 continue;
             };
             let c = Check::run(dump, boot, &store, &order, early.as_ref());
-            (!args.panic || serial.boots.len() >= 2) && c.complete(pstore && args.panic)
+            (!args.panic || serial.boots.len() >= 2)
+                && c.complete(pstore && args.panic)
+                && (!args.panic || identity_line(&store, &order, &serial, &device).is_some())
         };
         if done {
             let at = *complete_at.get_or_insert_with(Instant::now);
@@ -293,6 +295,21 @@ pub(crate) fn run(args: QemuArgs) -> Result<()> {
         failures.extend(c.failures(pstore && args.panic));
         if args.panic && serial.boots.len() < 2 {
             failures.push("the guest did not come back after the panic".to_owned());
+        }
+        if args.panic && serial.boots.len() >= 2 {
+            let said = serial.init_script.as_deref().unwrap_or("nothing");
+            println!("    boot 2: etc/init.d/S50blackbox status: {said}");
+            if !said.starts_with("blackbox: running") {
+                failures.push(format!(
+                    "boot 2: the init script did not report the agent running ({said})"
+                ));
+            }
+            // The allowlist line the script writes into the kernel log reached the server.
+            match identity_line(&store, &order, &serial, &device) {
+                Some(l) => println!("    boot 2: stored {l:?}"),
+                None => failures
+                    .push("boot 2: the init script's identity line was not stored".to_owned()),
+            }
         }
     } else {
         failures.push("the guest never copied its kernel log to the console".to_owned());
@@ -400,6 +417,20 @@ struct Logs {
     serial: PathBuf,
     server: PathBuf,
     qemu: PathBuf,
+}
+
+/// Boot 2's allowlist line (`blackbox: sha256:…  DEVICE`, written into the kernel log by the
+/// init script), if stored.
+fn identity_line(
+    store: &Store,
+    order: &[PathBuf],
+    serial: &Serial,
+    device: &str,
+) -> Option<String> {
+    let b2 = serial.boots.get(1)?;
+    store.find(order, b2, |m| {
+        m.starts_with("blackbox: sha256:") && m.ends_with(&format!("  {device}"))
+    })
 }
 
 /// The QEMU command line: TCG, the board's machine, the serial console into `serial`, user

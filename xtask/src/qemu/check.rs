@@ -85,6 +85,8 @@ pub(crate) struct Serial {
     pub(crate) foot_span: (Option<f64>, Option<f64>),
     /// `/init` has nothing more to do.
     pub(crate) done: bool,
+    /// What the init script's `status` said after `start` in boot 2.
+    pub(crate) init_script: Option<String>,
 }
 
 impl Serial {
@@ -122,6 +124,7 @@ impl Serial {
                     ["footprint", "start", t] => s.foot_span.0 = t.parse().ok(),
                     ["footprint", "end", t] => s.foot_span.1 = t.parse().ok(),
                     ["done"] => s.done = true,
+                    ["init-script", said @ ..] => s.init_script = Some(said.join(" ")),
                     _ => {}
                 }
             }
@@ -200,6 +203,18 @@ impl Store {
             .into_iter()
             .filter(|p| self.segments.contains_key(p))
             .collect())
+    }
+
+    /// The first stored line of `boot` whose text satisfies `want`.
+    pub(crate) fn find(
+        &self,
+        order: &[PathBuf],
+        boot: &str,
+        want: impl Fn(&str) -> bool,
+    ) -> Option<String> {
+        self.lines(order)
+            .find(|(_, l)| l.boot == boot && want(&l.msg))
+            .map(|(_, l)| l.msg.clone())
     }
 
     fn lines<'a>(
@@ -522,12 +537,17 @@ mod tests {
             &path,
             "noise\r\nBBTEST: boot 1 aaa\r\nBBTEST: kmsg begin\r\nBBKMSG 6,0,1,-;Linux version\r\n\
              BBKMSG  SUBSYSTEM=x\r\n[   1.0] kernel talk BBTEST: kmsg end\r\n\
-             BBFOOT t=3.5 agent VmHWM:900 VmRSS:800 logos VmHWM:300\r\nBBTEST: boot 2 bbb\r\n",
+             BBFOOT t=3.5 agent VmHWM:900 VmRSS:800 logos VmHWM:300\r\nBBTEST: boot 2 bbb\r\n\
+             BBTEST: init-script blackbox: running (supervisor 91)\r\n",
         )
         .unwrap();
         let s = Serial::read(&path);
         assert_eq!(s.boots, ["aaa", "bbb"]);
         assert_eq!(s.dump.as_ref().map(Vec::len), Some(1));
+        assert_eq!(
+            s.init_script.as_deref(),
+            Some("blackbox: running (supervisor 91)")
+        );
         let kb = &s.foot[0].kb;
         assert_eq!(kb.get(&("agent".into(), "VmHWM".into())), Some(&900));
         assert_eq!(kb.get(&("logos".into(), "VmHWM".into())), Some(&300));

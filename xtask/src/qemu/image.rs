@@ -1,7 +1,8 @@
 //! The guest's boot image, from Debian's packages: the stock kernel (`linux-image-FLAVOUR` of
 //! the board's Debian architecture), the modules it needs that are not built in (the NIC
 //! driver; ramoops and its dependencies where the kernel has pstore as modules), busybox-static,
-//! the agent, the test's `/init` (`qemu/init.sh`), the server's CA, the device identity and the
+//! the agent, the test's `/init` (`qemu/init.sh`), the boards' init script
+//! (`board-support/overlay/etc/init.d/S50blackbox`), the server's CA, the device identity and the
 //! test's settings, in a newc cpio archive made by `cpio`. For `reserved-memory` boards the
 //! machine's device tree, dumped by QEMU, gets the board's nodes (`dtc`).
 //!
@@ -55,6 +56,9 @@ burst_bytes = 67108864
 daily_bytes = 67108864
 ";
 
+/// `/etc/default/blackbox` for the init script: this image's agent is in /sbin.
+const INIT_DEFAULTS: &str = "AGENT=/sbin/blackbox-agent\nRESPAWN_DELAY=2\n";
+
 /// The kernel modules `/init` loads for the board's NIC (the first name is the transport,
 /// where there is one).
 fn nic_modules(nic: &str) -> Result<&'static [&'static str]> {
@@ -94,6 +98,8 @@ pub(crate) fn assemble(board: &Board, q: &Qemu, dir: &Path, with: &Contents<'_>)
         "tmp",
         "run",
         "etc/blackbox",
+        "etc/init.d",
+        "etc/default",
         "lib/modules",
     ] {
         mkdir(&root.join(d), 0o755)?;
@@ -107,6 +113,13 @@ pub(crate) fn assemble(board: &Board, q: &Qemu, dir: &Path, with: &Contents<'_>)
     copy(with.agent, &root.join("sbin/blackbox-agent"), 0o755)?;
     copy(with.ca, &root.join("etc/blackbox/ca.pem"), 0o644)?;
     write(&root.join("etc/blackbox/agent.toml"), AGENT_TOML, 0o644)?;
+    // Boot 2 starts the agent with the boards' own init script, as a device does.
+    copy(
+        &project_root().join("board-support/overlay/etc/init.d/S50blackbox"),
+        &root.join("etc/init.d/S50blackbox"),
+        0o755,
+    )?;
+    write(&root.join("etc/default/blackbox"), INIT_DEFAULTS, 0o644)?;
     let mut env = String::new();
     for (k, v) in with.env {
         writeln!(env, "{k}={v}")?;
