@@ -490,8 +490,9 @@ fn a_second_grinder_stands_by_and_takes_over() {
         let log = tmp.path().join(format!("{name}.log"));
         let child = Command::new(bin("blackbox-server"))
             .args(["grind", "--store", &store, "--checkpoint-every-ms", "0"])
-            // A short lease: extended every 2 s while the test runs, a standby looks every 1 s.
-            .args(["--lock-ttl", "4"])
+            // A short lease (a standby looks every 2.5 s), long enough that a busy machine
+            // does not make the grinding one miss extending it.
+            .args(["--lock-ttl", "10"])
             .args(["--metrics-listen", &format!("127.0.0.1:{port}")])
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
