@@ -8,6 +8,15 @@ use alloc::vec::Vec;
 
 use blackbox_protocol::{BootId, ChunkId, Record, SyncPoint};
 
+/// Most chunks sent in one request. A chunk is one ring block (a 256th of the ring); the
+/// server acknowledges a request when its segment is written (up to a second), so one chunk
+/// per request would cap the agent at a block a second: far below a busy device's log rate.
+pub const BATCH_CHUNKS: usize = 64;
+
+/// Most bytes of chunks sent in one request (the server takes bodies up to 2 MiB by default;
+/// one with a lower `--max-body` states it in its 413, and the agent sends less from then on).
+pub const BATCH_BYTES: usize = 256 << 10;
+
 /// A sealed chunk: its identity and the exact bytes to send.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Sealed {

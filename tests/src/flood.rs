@@ -9,9 +9,10 @@
 //!   deflated at the agent's level.
 //! - [`drive`]: one task per device, on one tokio runtime. A device behaves as `blackbox-agent
 //!   run` does after a long outage: its [`Schedule`] has backed off to the cap (the interval),
-//!   its first attempt comes within the arrival window, it uploads its chunks one after another
-//!   on one keep-alive connection (HTTPS with its certificate, or plain HTTP), moves to the next
-//!   only on 201/200, and on any failure (503, refused or closed connection, timeout) waits what
+//!   its first attempt comes within the arrival window, it uploads its chunks in order on one
+//!   keep-alive connection (HTTPS with its certificate, or plain HTTP), in batches as the agent
+//!   sends them (up to 64 chunks and 256 KiB a request, back to back; or one chunk a request,
+//!   [`ClientConfig::batch`] off, as nginx takes them), moves on only on 201/200, and on any failure (503, refused or closed connection, timeout) waits what
 //!   the schedule says (Retry-After honoured within the cap), as the agent does. A pooled
 //!   connection is reused if it was idle less than 15 s (ureq's default), unless the server
 //!   said `connection: close`.
@@ -25,6 +26,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::time::Duration;
 
 use anyhow::Context;
+use blackbox_agent::buffer::{BATCH_BYTES, BATCH_CHUNKS};
 use blackbox_agent::ring::{BLOCK_HDR, REC_HDR};
 use blackbox_agent::schedule::Schedule;
 use blackbox_protocol::chunk::walk_members;
@@ -346,6 +348,24 @@ pub struct ClientConfig {
     pub timeout: Duration,
     /// Give up after this long.
     pub deadline: Duration,
+    /// Send the backlog in batches, as the agent does (the receiver only); else one chunk a
+    /// request.
+    pub batch: bool,
+}
+
+/// How many of `chunks` (the unacknowledged backlog, in order) the agent sends in its next
+/// request: up to [`BATCH_CHUNKS`] and [`BATCH_BYTES`], at least one.
+pub fn batch_len(chunks: &[Sent]) -> usize {
+    let mut bytes = 0;
+    let mut n = 0;
+    for c in chunks.iter().take(BATCH_CHUNKS) {
+        bytes += c.bytes.len();
+        if n > 0 && bytes > BATCH_BYTES {
+            break;
+        }
+        n += 1;
+    }
+    n
 }
 
 /// What the devices saw, counted as it happens.
@@ -497,6 +517,17 @@ async fn run_device(
             let Some(chunk) = dev.chunks.get(next) else {
                 break None;
             };
+            let rest = dev.chunks.get(next..).unwrap_or_default();
+            let n = if cfg.batch { batch_len(rest) } else { 1 };
+            // A batch is its chunks back to back, as in a segment.
+            let body = if n == 1 {
+                chunk.bytes.clone()
+            } else {
+                Bytes::from(rest.iter().take(n).fold(Vec::new(), |mut b, c| {
+                    b.extend_from_slice(&c.bytes);
+                    b
+                }))
+            };
             let reusable = conn
                 .as_ref()
                 .is_some_and(|c| !c.sender.is_closed() && c.idle_since.elapsed() < POOL_IDLE);
@@ -515,17 +546,19 @@ async fn run_device(
             let Some(c) = conn.as_mut() else {
                 break Some(None);
             };
-            match send(c, cfg, &dev.name, chunk, tally).await {
+            match send(c, cfg, &dev.name, &chunk.id, body, tally).await {
                 (Try::Acked, close) => {
-                    let n = tally.acks[tally.offsets[i] + next].fetch_add(1, Relaxed);
-                    if n == 0 {
-                        tally.acked.fetch_add(1, Relaxed);
-                        tally
-                            .acked_bytes
-                            .fetch_add(chunk.bytes.len() as u64, Relaxed);
+                    for (k, acked) in rest.iter().take(n).enumerate() {
+                        let times = tally.acks[tally.offsets[i] + next + k].fetch_add(1, Relaxed);
+                        if times == 0 {
+                            tally.acked.fetch_add(1, Relaxed);
+                            tally
+                                .acked_bytes
+                                .fetch_add(acked.bytes.len() as u64, Relaxed);
+                        }
                     }
                     last_ack.fetch_max(t0.elapsed().as_micros() as u64, Relaxed);
-                    next += 1;
+                    next += n;
                     if close {
                         conn = None;
                     }
@@ -582,12 +615,14 @@ async fn connect(
     })
 }
 
-/// One upload; also says whether the connection must not be reused.
+/// One upload (`body`: one chunk, `first`, or a batch starting with it); also says whether
+/// the connection must not be reused.
 async fn send(
     c: &mut Conn,
     cfg: &ClientConfig,
     device: &str,
-    chunk: &Sent,
+    first: &ChunkId,
+    body: Bytes,
     tally: &Tally,
 ) -> (Try, bool) {
     use hyper::header;
@@ -595,18 +630,18 @@ async fn send(
         Target::Blackbox => hyper::Request::post("/v1/chunks"),
         Target::Nginx => hyper::Request::put(format!(
             "/dav/{device}/{}-{}.gz",
-            chunk.id.first_seq, chunk.id.last_seq
+            first.first_seq, first.last_seq
         )),
     }
     .header(header::HOST, "localhost")
     .header(header::CONTENT_TYPE, "application/gzip")
-    .header(header::CONTENT_LENGTH, chunk.bytes.len());
+    .header(header::CONTENT_LENGTH, body.len());
     let req = if cfg.ca.is_none() && cfg.target == Target::Blackbox {
         req.header("x-blackbox-device", device)
     } else {
         req
     };
-    let Ok(req) = req.body(Full::new(chunk.bytes.clone())) else {
+    let Ok(req) = req.body(Full::new(body)) else {
         return (Try::Failed(None), true);
     };
     tally.requests.fetch_add(1, Relaxed);
@@ -771,4 +806,35 @@ fn files_under(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sent(sizes: &[usize]) -> Vec<Sent> {
+        sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| Sent {
+                id: ChunkId {
+                    device: DeviceId::new("d").unwrap(),
+                    boot: BootId([1; 16]),
+                    first_seq: i as u64,
+                    last_seq: i as u64,
+                },
+                bytes: Bytes::from(vec![0; n]),
+            })
+            .collect()
+    }
+
+    /// Batches as the agent makes them: at most 64 chunks and 256 KiB, but always one.
+    #[test]
+    fn batches_follow_the_agents_limits() {
+        assert_eq!(batch_len(&sent(&[100 << 10; 3])), 2);
+        assert_eq!(batch_len(&sent(&[128 << 10, 128 << 10, 1])), 2);
+        assert_eq!(batch_len(&sent(&[300 << 10, 1])), 1);
+        assert_eq!(batch_len(&sent(&[1 << 10; 100])), 64);
+        assert_eq!(batch_len(&[]), 0);
+    }
 }

@@ -36,6 +36,9 @@ pub struct Scenario {
     pub progress: Option<Duration>,
     /// Seed of the devices' randomness.
     pub seed: u64,
+    /// Devices send their backlog in batches, as the agent does (the receiver only: nginx
+    /// takes one chunk a request).
+    pub batch: bool,
 }
 
 /// The figures of one run.
@@ -274,6 +277,7 @@ pub fn run_blackbox(fleet: &Arc<Fleet>, sc: &Scenario, work: &Path) -> anyhow::R
         arrival: sc.arrival,
         timeout: sc.timeout,
         deadline: sc.deadline,
+        batch: sc.batch,
     };
     let server_usage = {
         let server = server.clone();
@@ -416,6 +420,7 @@ pub fn run_nginx(
         arrival: sc.arrival,
         timeout: sc.timeout,
         deadline: sc.deadline,
+        batch: false,
     };
     let nginx = Arc::new(nginx);
     let elapsed = rt.block_on(async {

@@ -47,6 +47,8 @@ fn small_flood_with_a_receiver_kill9_stores_every_chunk_exactly_once() {
         down_for: Duration::from_millis(1500),
         progress: None,
         seed: 11,
+        // As the agent sends its backlog: in batches (these backlogs fit in one).
+        batch: true,
     };
     let r = scenario::run_blackbox(&fleet, &sc, tmp.path()).unwrap();
     r.print();

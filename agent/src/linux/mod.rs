@@ -40,7 +40,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use blackbox_protocol::{BootId, ChunkId, DeviceId, Origin, Record, SyncPoint};
 
-use crate::buffer::{LogBuffer, Sealed};
+use crate::buffer::{BATCH_BYTES, BATCH_CHUNKS, LogBuffer, Sealed};
 use crate::kmsg::KmsgRecord;
 use crate::ring::{Ring, RingConfig};
 use crate::schedule::Schedule;
@@ -521,15 +521,6 @@ const ANSWER_POLL: Duration = Duration::from_millis(50);
 
 /// How often the main loop looks for a stop request (SIGTERM) at the least.
 const STOP_POLL: Duration = Duration::from_millis(250);
-
-/// Most chunks sent in one request. A chunk is one ring block (a 256th of the ring); the
-/// server acknowledges a request when its segment is written (up to a second), so one chunk
-/// per request would cap the agent at a block a second: far below a busy device's log rate.
-const BATCH_CHUNKS: usize = 64;
-
-/// Most bytes of chunks sent in one request (the server takes bodies up to 2 MiB by default;
-/// one with a lower `--max-body` states it in its 413, and the agent sends less from then on).
-const BATCH_BYTES: usize = 256 << 10;
 
 /// The request size to use after a batch of `sent` bytes was refused for the server's body
 /// limit `max_body`: at most that, and less than what was refused (a batch of one chunk is

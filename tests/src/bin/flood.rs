@@ -66,6 +66,11 @@ struct Args {
     /// Seed of the boot ids and the devices' randomness.
     #[arg(long, default_value_t = 7)]
     seed: u64,
+    /// In the flood, devices send one chunk a request rather than their backlog in batches
+    /// as the agent does (up to 64 chunks and 256 KiB a request). The bench always sends one
+    /// chunk a request: the same bodies as nginx.
+    #[arg(long)]
+    singles: bool,
     /// Give up a run after this many seconds.
     #[arg(long, default_value_t = 1800)]
     deadline: u64,
@@ -130,20 +135,27 @@ fn run(a: Args) -> anyhow::Result<bool> {
         down_for: secs(a.down),
         progress: Some(Duration::from_secs(10)),
         seed: a.seed,
+        batch: false,
     };
     let mut ok = true;
     if a.phases.iter().any(|p| p == "flood") {
         println!(
             "\n# flood: all devices back within {} s, agent interval {} s (waits capped by it), \
-             receiver with default settings{}",
+             {}, receiver with default settings{}",
             a.arrival,
             a.interval,
+            if a.singles {
+                "one chunk a request"
+            } else {
+                "backlogs in the agent's batches (up to 64 chunks and 256 KiB a request)"
+            },
             a.kill9_at
                 .map(|f| format!(", kill -9 at {:.0} % acknowledged", f * 100.0))
                 .unwrap_or_default()
         );
         let sc = Scenario {
             kill9_at: a.kill9_at,
+            batch: !a.singles,
             ..base.clone()
         };
         let r = scenario::run_blackbox(&fleet, &sc, &work.path().join("flood"))?;
@@ -159,7 +171,7 @@ fn run(a: Args) -> anyhow::Result<bool> {
     }
     if a.phases.iter().any(|p| p == "bench") {
         println!(
-            "\n# bench: the same bodies, devices retrying within {} s; the receiver (file:// \
+            "\n# bench: the same bodies (one chunk a request), devices retrying within {} s; the receiver (file:// \
              store, fsync) and nginx (PUT into files, no fsync) on this machine's {} CPUs",
             a.bench_interval,
             std::thread::available_parallelism().map_or(0, |n| n.get())
