@@ -40,7 +40,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::dedup::{Overlap, Runs, Seen};
 use crate::lease::{Scope, StoreLock};
-use crate::reader::{self, Decoded, Filter, Member, Source, SourceRead, get_opt};
+use crate::reader::{self, Decoded, Filter, Member, Shard, Source, SourceRead, get_opt};
 use crate::reducer::{Reducer, SeriesKey};
 use crate::rules::{Hit, Rules};
 use crate::scan;
@@ -103,6 +103,9 @@ pub struct GrindConfig {
     /// How long the checkpoint's lock lasts unless extended ([`crate::lease`]): one grinder
     /// per checkpoint grinds, the others wait. `None`: no lock (the caller makes sure).
     pub lock_ttl: Option<Duration>,
+    /// Grind only the devices of this shard ([`Shard`]): its events objects carry the shard
+    /// in their names, and it needs a checkpoint of its own.
+    pub shard: Option<Shard>,
 }
 
 impl Default for GrindConfig {
@@ -121,6 +124,7 @@ impl Default for GrindConfig {
             piece_bytes: reader::PIECE_BYTES,
             fault: None,
             lock_ttl: Some(Duration::from_secs(60)),
+            shard: None,
         }
     }
 }
@@ -136,6 +140,9 @@ pub struct Checkpoint {
     pub hours: BTreeMap<i64, HourState>,
     /// Identities ground recently.
     pub seen: Vec<SeenEntry>,
+    /// The shard (`K/N`) whose devices it covers; absent: all devices.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shard: Option<String>,
 }
 
 /// One open hour.
@@ -411,8 +418,16 @@ impl Ground {
 /// Inflates and grinds the chunks of a read ([`grind_members`]), and gzips all their events
 /// as one gzip member, here on the grinding threads: deduplication (in order, afterwards)
 /// almost always keeps them all, and then takes the member as it is.
-fn grind_read(mut read: SourceRead, rules: &Rules, limits: &Limits) -> Ground {
-    let members = std::mem::take(&mut read.members);
+fn grind_read(mut read: SourceRead, rules: &Rules, limits: &Limits, filter: &Filter) -> Ground {
+    let mut members = std::mem::take(&mut read.members);
+    // An object read whole (no index) holds other shards' devices too: leave them out by
+    // their headers, before inflating.
+    if filter.shard.is_some() || filter.devices.is_some() {
+        members.retain(|m| {
+            blackbox_protocol::ChunkHeader::parse(&m.bytes)
+                .map_or(true, |h| filter.wants_device(h.id.device.as_str()))
+        });
+    }
     let (chunks, inflated) = grind_members(members, rules, limits, &mut read.problems);
     let mut g = Ground {
         read,
@@ -451,8 +466,9 @@ pub fn grind_members(
     (chunks, inflated)
 }
 
-/// Where the events of a source go.
-pub fn events_key(prefix: &str, src: &Source) -> String {
+/// Where the events of a source go: `…/<source name>.ndjson.gz`, or for a shard's grinder
+/// `…/<source name>.shard-K-of-N.ndjson.gz` (each shard writes the events of its devices).
+pub fn events_key(prefix: &str, src: &Source, shard: Option<Shard>) -> String {
     let name = src.key.rsplit('/').next().unwrap_or(&src.key);
     let name = name.strip_suffix(".seg.gz").unwrap_or(name);
     // A day roll-up's outputs are named like an hour's: keep their events apart.
@@ -461,7 +477,28 @@ pub fn events_key(prefix: &str, src: &Source) -> String {
     } else {
         ""
     };
-    format!("{prefix}{}/{day}{name}.ndjson.gz", hour_path(src.hour))
+    let part = shard.map_or(String::new(), |s| {
+        format!(".shard-{}-of-{}", s.index, s.count)
+    });
+    format!(
+        "{prefix}{}/{day}{name}{part}.ndjson.gz",
+        hour_path(src.hour)
+    )
+}
+
+/// Is `key` an events object of `shard`'s grinder (`None`: of an unsharded one)?
+pub fn is_shards_events(key: &str, shard: Option<Shard>) -> bool {
+    let Some(stem) = key.strip_suffix(".ndjson.gz") else {
+        return false;
+    };
+    let of_shard = stem.rsplit_once(".shard-").and_then(|(_, p)| {
+        let (k, n) = p.split_once("-of-")?;
+        Some(Shard {
+            index: k.parse().ok()?,
+            count: n.parse().ok()?,
+        })
+    });
+    of_shard == shard
 }
 
 /// Was the object at `key` ground (its hour closed, or the object done in it)?
@@ -597,6 +634,7 @@ impl Grinder {
                 Checkpoint {
                     version: 1,
                     next_hour: h,
+                    shard: cfg.shard.map(|s| s.to_string()),
                     ..Default::default()
                 }
             }
@@ -609,9 +647,24 @@ impl Grinder {
             (None, None) => Checkpoint {
                 version: 1,
                 next_hour: hour_of(now_us()),
+                shard: cfg.shard.map(|s| s.to_string()),
                 ..Default::default()
             },
         };
+        let mine = cfg.shard.map(|s| s.to_string());
+        if ckpt.shard != mine {
+            let of = |s: &Option<String>| {
+                s.as_ref()
+                    .map_or("all devices".into(), |s| format!("shard {s}"))
+            };
+            anyhow::bail!(
+                "checkpoint {} covers {}, but this grinder grinds {}: give it its own --checkpoint \
+                 (the default for --shard K/N is grind/checkpoint.shard-K-of-N.json)",
+                cfg.checkpoint_key,
+                of(&ckpt.shard),
+                of(&mine)
+            );
+        }
         let mut seen = Seen::default();
         let mut stamps = HashMap::new();
         for e in &ckpt.seen {
@@ -762,7 +815,7 @@ impl Grinder {
                                 hour,
                                 device: None,
                             };
-                            events_key(&self.cfg.events_prefix, &src)
+                            events_key(&self.cfg.events_prefix, &src, self.cfg.shard)
                         })
                         .collect(),
                 ),
@@ -771,7 +824,9 @@ impl Grinder {
             };
             let prefix = format!("{}{}/", self.cfg.events_prefix, hour_path(hour));
             for key in self.store.list(&prefix).await? {
-                if done.as_ref().is_some_and(|d| !d.contains(&key)) {
+                if done.as_ref().is_some_and(|d| !d.contains(&key))
+                    || !is_shards_events(&key, self.cfg.shard)
+                {
                     continue;
                 }
                 let Some(bytes) = get_opt(&self.store, &key).await? else {
@@ -811,7 +866,9 @@ impl Grinder {
 
     async fn clear_hour(&mut self, hour: i64) -> anyhow::Result<()> {
         let prefix = format!("{}{}/", self.cfg.events_prefix, hour_path(hour));
-        let old = self.store.list(&prefix).await?;
+        // This grinder's own events only: other shards' stay.
+        let mut old = self.store.list(&prefix).await?;
+        old.retain(|k| is_shards_events(k, self.cfg.shard));
         self.keep_lock().await?;
         for k in &old {
             reader::delete(&self.store, k).await?;
@@ -901,17 +958,22 @@ impl Grinder {
         rules: &Arc<Rules>,
     ) -> anyhow::Result<usize> {
         let store = self.store.clone();
-        let (filter, limits) = (Filter::all(), Limits::DEFAULT);
+        let filter = Filter {
+            shard: self.cfg.shard,
+            ..Filter::all()
+        };
+        let limits = Limits::DEFAULT;
         let parallel = self.cfg.parallel.max(1);
         let mut stream =
             reader::read_pieces(&store, &todo, &filter, None, parallel, self.cfg.piece_bytes)
                 .map(|read| {
-                    let rules = rules.clone();
+                    let (rules, filter) = (rules.clone(), filter.clone());
                     async move {
                         let read = read?;
-                        let ground =
-                            tokio::task::spawn_blocking(move || grind_read(read, &rules, &limits))
-                                .await?;
+                        let ground = tokio::task::spawn_blocking(move || {
+                            grind_read(read, &rules, &limits, &filter)
+                        })
+                        .await?;
                         anyhow::Ok(ground)
                     }
                 })
@@ -955,7 +1017,7 @@ impl Grinder {
                 continue;
             }
             if !sg.events.is_empty() {
-                let key = events_key(&self.cfg.events_prefix, src);
+                let key = events_key(&self.cfg.events_prefix, src, self.cfg.shard);
                 self.keep_lock().await?;
                 self.store
                     .put(&key, sg.events)
@@ -1130,6 +1192,31 @@ async fn grind_locked(
 mod tests {
     use super::*;
     use blackbox_protocol::{BootId, Chunk, DeviceId, Origin, Record, SyncPoint};
+
+    /// A shard's events objects carry the shard in their names, and each grinder knows its own
+    /// among them (re-grinding deletes only those; the metrics are seeded only from those).
+    #[test]
+    fn events_keys_name_their_shard() {
+        let src = Source {
+            key: "raw/2026-11-21/14/r0-01J.seg.gz".into(),
+            hour: hour_of(1_795_269_785_000_000),
+            device: None,
+        };
+        let s = |k, n| Some(Shard { index: k, count: n });
+        let plain = events_key("events/", &src, None);
+        let sharded = events_key("events/", &src, s(1, 4));
+        assert!(plain.ends_with("/r0-01J.ndjson.gz"), "{plain}");
+        assert!(
+            sharded.ends_with("/r0-01J.shard-1-of-4.ndjson.gz"),
+            "{sharded}"
+        );
+        assert!(is_shards_events(&plain, None) && !is_shards_events(&plain, s(1, 4)));
+        assert!(is_shards_events(&sharded, s(1, 4)));
+        for other in [None, s(0, 4), s(1, 2)] {
+            assert!(!is_shards_events(&sharded, other), "{other:?}");
+        }
+        assert!(!is_shards_events("events/x.json", None));
+    }
 
     fn decoded(msgs: &[&[u8]], wall_us: i64) -> Decoded {
         let mut problems = Vec::new();

@@ -111,9 +111,15 @@ struct GrindArgs {
     /// Key prefix of the events objects.
     #[arg(long, default_value = "events/")]
     events_prefix: String,
-    /// Key of the checkpoint object.
-    #[arg(long, default_value = "grind/checkpoint.json")]
-    checkpoint: String,
+    /// Key of the checkpoint object [default: grind/checkpoint.json; with --shard K/N:
+    /// grind/checkpoint.shard-K-of-N.json].
+    #[arg(long)]
+    checkpoint: Option<String>,
+    /// Grind only the devices of shard K of N (by a hash of the device id), to spread the
+    /// fleet over N grinders: run one with each K from 0 to N-1. Each has its own checkpoint
+    /// (and lock); its events objects are named `….shard-K-of-N.ndjson.gz`.
+    #[arg(long, value_parser = blackbox_server::reader::Shard::parse)]
+    shard: Option<blackbox_server::reader::Shard>,
     /// Milliseconds between looks at the store when idle.
     #[arg(long, default_value_t = 250)]
     poll_ms: u64,
@@ -468,7 +474,11 @@ async fn grind_cmd(a: GrindArgs) -> anyhow::Result<()> {
     let mut cfg = grind::GrindConfig {
         rules_path: a.rules,
         events_prefix: a.events_prefix,
-        checkpoint_key: a.checkpoint,
+        checkpoint_key: a.checkpoint.unwrap_or_else(|| match a.shard {
+            Some(s) => format!("grind/checkpoint.shard-{}-of-{}.json", s.index, s.count),
+            None => "grind/checkpoint.json".into(),
+        }),
+        shard: a.shard,
         poll: Duration::from_millis(a.poll_ms),
         checkpoint_every: Duration::from_millis(a.checkpoint_every_ms),
         from_hour,
@@ -527,6 +537,7 @@ async fn grep_cmd(a: GrepArgs) -> anyhow::Result<()> {
         devices: (!a.devices.is_empty()).then(|| a.devices.into_iter().collect()),
         since_us: since,
         until_us: until,
+        shard: None,
     };
     let opts = grep::GrepOptions {
         pattern: a.pattern,

@@ -59,6 +59,7 @@ pub async fn collect(
         devices: Some(devices.clone()),
         since_us,
         until_us,
+        shard: None,
     };
     let hours = lookback.hours(since_us, until_us, now_us);
     let mut scanner = Scanner::default();

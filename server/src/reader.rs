@@ -427,6 +427,47 @@ pub async fn plan_hours(
     Ok(out)
 }
 
+/// One of `count` disjoint parts of the devices, by a hash of the device id: grinders shard
+/// the fleet this way (`grind --shard K/N`), each grinding the devices of its part.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shard {
+    /// Which part (0 to `count` - 1).
+    pub index: u32,
+    /// How many parts.
+    pub count: u32,
+}
+
+impl Shard {
+    /// Parses `K/N` (0 ≤ K < N).
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let bad = || format!("{s:?} is not a shard: K/N, with 0 <= K < N (such as 0/4)");
+        let (k, n) = s.split_once('/').ok_or_else(bad)?;
+        let (index, count) = (
+            k.trim().parse::<u32>().map_err(|_| bad())?,
+            n.trim().parse::<u32>().map_err(|_| bad())?,
+        );
+        if index >= count {
+            return Err(bad());
+        }
+        Ok(Self { index, count })
+    }
+
+    /// Is `device` in this part? The first 8 bytes of the SHA-256 of the device id, as a
+    /// big-endian number, modulo `count`: the same on every host and in every version.
+    pub fn owns(&self, device: &str) -> bool {
+        let d = ring::digest::digest(&ring::digest::SHA256, device.as_bytes());
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&d.as_ref()[..8]);
+        u64::from_be_bytes(first) % u64::from(self.count.max(1)) == u64::from(self.index)
+    }
+}
+
+impl std::fmt::Display for Shard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.index, self.count)
+    }
+}
+
 /// Which lines a reader wants.
 #[derive(Debug, Clone)]
 pub struct Filter {
@@ -436,6 +477,8 @@ pub struct Filter {
     pub since_us: i64,
     /// Wall time until (exclusive), µs.
     pub until_us: i64,
+    /// Only the devices of this shard (`None`: all).
+    pub shard: Option<Shard>,
 }
 
 impl Filter {
@@ -445,11 +488,13 @@ impl Filter {
             devices: None,
             since_us: i64::MIN,
             until_us: i64::MAX,
+            shard: None,
         }
     }
 
-    fn wants_device(&self, d: &str) -> bool {
-        self.devices.as_ref().is_none_or(|s| s.contains(d))
+    /// Does it want lines of device `d`?
+    pub fn wants_device(&self, d: &str) -> bool {
+        self.devices.as_ref().is_none_or(|s| s.contains(d)) && self.shard.is_none_or(|s| s.owns(d))
     }
 
     /// Could the chunk an index entry describes hold a wanted line?
@@ -1134,6 +1179,30 @@ async fn read_hours_in(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Shards are fixed by the device id alone (pinned here: a grinder of another version or
+    /// host must agree), split the devices without overlap, and parse only as K/N with K < N.
+    #[test]
+    fn shards_are_stable_disjoint_and_parsed_strictly() {
+        let s = |k, n| Shard { index: k, count: n };
+        // SHA-256("dev-ssh") starts d521ef1452b8f0ae: 2 modulo 4, 0 modulo 5, 3 modulo 7.
+        assert!(s(2, 4).owns("dev-ssh") && s(0, 5).owns("dev-ssh") && s(3, 7).owns("dev-ssh"));
+        for d in ["router-1", "cam-2", "", "ünïcode"] {
+            for n in 1..9 {
+                assert_eq!((0..n).filter(|&k| s(k, n).owns(d)).count(), 1, "{d} in {n}");
+            }
+        }
+        assert_eq!(Shard::parse("3/8"), Ok(s(3, 8)));
+        assert_eq!(s(3, 8).to_string(), "3/8");
+        for bad in ["8/8", "0/0", "1", "-1/2", "a/b", "1/2/3", ""] {
+            assert!(Shard::parse(bad).is_err(), "{bad}");
+        }
+        let f = Filter {
+            shard: Some(s(2, 4)),
+            ..Filter::all()
+        };
+        assert!(f.wants_device("dev-ssh") && !f.wants_device("dev-linux"));
+    }
     use blackbox_protocol::{BootId, DeviceId, Origin, Record, SyncPoint};
 
     fn chunk(device: &str, first: u64, n: u64) -> Vec<u8> {
@@ -1345,6 +1414,7 @@ mod tests {
             devices: Some(["d1".to_owned()].into()),
             since_us: i64::MIN,
             until_us: i64::MAX,
+            shard: None,
         };
         let in_pieces = async |progress: &Progress| {
             let mut reads = Vec::new();
@@ -1460,6 +1530,7 @@ mod tests {
             devices: Some(["d1".to_owned()].into()),
             since_us: entries[2].wall_min_us,
             until_us: i64::MAX,
+            shard: None,
         };
         let reads = read_all(&store, HOUR, &filter).await;
         assert_eq!(reads.len(), 1);

@@ -101,8 +101,13 @@ pub fn zcat_grep(files: &[impl AsRef<Path>], pattern: &str, extra: &[&str]) -> S
 
 /// The segment files of a local store directory, in key order.
 pub fn local_segments(dir: &Path) -> Vec<std::path::PathBuf> {
+    files_under(&dir.join("raw"), ".seg.gz")
+}
+
+/// The files under `dir` (at any depth) whose names end with `suffix`, sorted.
+pub fn files_under(dir: &Path, suffix: &str) -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();
-    let mut stack = vec![dir.join("raw")];
+    let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
         let Ok(rd) = std::fs::read_dir(&d) else {
             continue;
@@ -111,7 +116,7 @@ pub fn local_segments(dir: &Path) -> Vec<std::path::PathBuf> {
             let p = e.unwrap().path();
             if p.is_dir() {
                 stack.push(p);
-            } else if p.to_string_lossy().ends_with(".seg.gz") {
+            } else if p.to_string_lossy().ends_with(suffix) {
                 out.push(p);
             }
         }

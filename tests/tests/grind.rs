@@ -572,3 +572,131 @@ fn a_second_grinder_stands_by_and_takes_over() {
     assert!(locks.is_empty(), "{locks:?}");
     assert_eq!(ooms(), [1, 2, 3]);
 }
+
+/// Grinders sharded by device (`--shard K/N`), run at the same time: each grinds the devices
+/// its shard owns, with its own checkpoint and lock, into objects named for it; together their
+/// events are exactly those of one unsharded grinder. Grinding one shard again (`--from`)
+/// leaves the others' events alone, and a shard refuses another shard's checkpoint.
+#[test]
+fn shards_split_the_devices_and_together_grind_everything_once() {
+    use blackbox_server::reader::Shard;
+    let tmp = tempfile::tempdir().unwrap();
+    let store = format!("file://{}", tmp.path().join("store").display());
+    let (r0, r1) = receivers(&store, tmp.path());
+    let devices: Vec<String> = fill(&r0, &r1).into_keys().collect();
+    let grind = |extra: &[&str]| {
+        let mut args = vec!["grind", "--store", &store, "--once", "--from", "-2h"];
+        args.extend_from_slice(extra);
+        server_cmd(&args, &[])
+    };
+    let succeeded = |out: std::process::Output| {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    succeeded(grind(&[
+        "--events-prefix",
+        "ref/events/",
+        "--checkpoint",
+        "ref/checkpoint.json",
+    ]));
+    let reference = events(&store, "ref/events/");
+    assert!(reference.len() > 500, "{} events", reference.len());
+
+    // The fewest shards that split the four devices (some shards may own none of them).
+    let owners = |n: u32| -> Vec<u32> {
+        (0..n)
+            .filter(|&k| devices.iter().any(|d| Shard { index: k, count: n }.owns(d)))
+            .collect()
+    };
+    let n = (2..=8u32)
+        .find(|&n| owners(n).len() >= 2)
+        .expect("four devices split over 2 to 8 shards");
+    let shard_args: Vec<String> = (0..n).map(|k| format!("{k}/{n}")).collect();
+    let children: Vec<_> = shard_args
+        .iter()
+        .map(|s| {
+            Command::new(bin("blackbox-server"))
+                .args(["grind", "--store", &store, "--once", "--from", "-2h"])
+                .args(["--events-prefix", "sh/events/", "--shard", s])
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for c in children {
+        succeeded(c.wait_with_output().unwrap());
+    }
+    assert!(
+        events(&store, "sh/events/") == reference,
+        "the shards' events differ from one grinder's"
+    );
+    let events_dir = tmp.path().join("store/sh/events");
+    let files = blackbox_tests::downstream::files_under(&events_dir, ".ndjson.gz");
+    for k in 0..n {
+        let shard = Shard { index: k, count: n };
+        let mine: Vec<_> = files
+            .iter()
+            .filter(|p| {
+                p.to_string_lossy()
+                    .ends_with(&format!(".shard-{k}-of-{n}.ndjson.gz"))
+            })
+            .collect();
+        assert_eq!(
+            !mine.is_empty(),
+            owners(n).contains(&k),
+            "shard {shard} wrote events if and only if it owns a device"
+        );
+        for p in mine {
+            let mut text = String::new();
+            flate2::read::MultiGzDecoder::new(std::fs::File::open(p).unwrap())
+                .read_to_string(&mut text)
+                .unwrap();
+            for l in text.lines() {
+                let e: Event = serde_json::from_str(l).unwrap();
+                assert!(
+                    shard.owns(&e.device),
+                    "{} in shard {shard}'s {}",
+                    e.device,
+                    p.display()
+                );
+            }
+        }
+    }
+
+    // One shard again from scratch: the others' events stay, nothing doubles.
+    succeeded(grind(&[
+        "--events-prefix",
+        "sh/events/",
+        "--shard",
+        &shard_args[0],
+    ]));
+    assert!(
+        events(&store, "sh/events/") == reference,
+        "re-grinding one shard changed the whole"
+    );
+
+    // A shard refuses another's checkpoint.
+    let other = format!("grind/checkpoint.shard-0-of-{n}.json");
+    let out = server_cmd(
+        &[
+            "grind",
+            "--store",
+            &store,
+            "--once",
+            "--shard",
+            &shard_args[1],
+            "--checkpoint",
+            &other,
+        ],
+        &[],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains(&format!("covers shard 0/{n}")),
+        "{err}"
+    );
+}
