@@ -628,13 +628,14 @@ impl Grinder {
         cfg: GrindConfig,
         reducer: Arc<Reducer>,
     ) -> anyhow::Result<Self> {
+        let mine = cfg.shard.map(|s| s.to_string());
         let ckpt = match (cfg.from_hour, get_opt(&store, &cfg.checkpoint_key).await?) {
             (Some(h), _) => {
                 tracing::info!(from = %hour_path(h), "grinding again from this hour with a fresh checkpoint");
                 Checkpoint {
                     version: 1,
                     next_hour: h,
-                    shard: cfg.shard.map(|s| s.to_string()),
+                    shard: mine.clone(),
                     ..Default::default()
                 }
             }
@@ -647,11 +648,10 @@ impl Grinder {
             (None, None) => Checkpoint {
                 version: 1,
                 next_hour: hour_of(now_us()),
-                shard: cfg.shard.map(|s| s.to_string()),
+                shard: mine.clone(),
                 ..Default::default()
             },
         };
-        let mine = cfg.shard.map(|s| s.to_string());
         if ckpt.shard != mine {
             let of = |s: &Option<String>| {
                 s.as_ref()

@@ -12,8 +12,9 @@
 //!   its first attempt comes within the arrival window, it uploads its chunks in order on one
 //!   keep-alive connection (HTTPS with its certificate, or plain HTTP), in batches as the agent
 //!   sends them (up to 64 chunks and 256 KiB a request, back to back; or one chunk a request,
-//!   [`ClientConfig::batch`] off, as nginx takes them), moves on only on 201/200, and on any failure (503, refused or closed connection, timeout) waits what
-//!   the schedule says (Retry-After honoured within the cap), as the agent does. A pooled
+//!   [`ClientConfig::batch`] off, as nginx takes them), moves on only on 201/200, and on any
+//!   failure (503, refused or closed connection, timeout) waits what the schedule says
+//!   (Retry-After honoured within the cap), as the agent does. A pooled
 //!   connection is reused if it was idle less than 15 s (ureq's default), unless the server
 //!   said `connection: close`.
 //! - [`check_segments`] / [`check_files`]: every chunk must be in the store exactly once, byte
@@ -514,10 +515,10 @@ async fn run_device(
     let mut next = 0;
     while next < dev.chunks.len() && Instant::now() < give_up {
         let failed = loop {
-            let Some(chunk) = dev.chunks.get(next) else {
+            let rest = dev.chunks.get(next..).unwrap_or_default();
+            let Some(chunk) = rest.first() else {
                 break None;
             };
-            let rest = dev.chunks.get(next..).unwrap_or_default();
             let n = if cfg.batch { batch_len(rest) } else { 1 };
             // A batch is its chunks back to back, as in a segment.
             let body = if n == 1 {
