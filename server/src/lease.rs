@@ -318,6 +318,7 @@ impl StoreLock {
                  was deleted): stopping before changing anything"
             );
         }
+        held.checked = std::time::Instant::now();
         let now = now_us();
         if now >= held.expires_us.saturating_sub(self.ttl_us / 2) {
             let next = held.n + 1;
@@ -332,12 +333,9 @@ impl StoreLock {
             };
             held.expires_us = expires_us;
             held.n = next;
-            held.checked = std::time::Instant::now();
             drop(held);
             self.forget_before(store, next).await;
-            return Ok(());
         }
-        held.checked = std::time::Instant::now();
         Ok(())
     }
 
