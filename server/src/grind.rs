@@ -1108,6 +1108,9 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     tokio::pin!(shutdown);
+    if let Some(s) = cfg.shard {
+        reducer.set_shard(s.to_string());
+    }
     let mut rules = RulesWatch::load(cfg.rules_path.clone())?;
     tracing::info!(rules = rules.current().len(), "rules loaded");
     let lock = match cfg.lock_ttl {

@@ -37,6 +37,8 @@ pub struct Reducer {
     state: Mutex<State>,
     /// This grinder holds its checkpoint's lock (not a standby).
     active: std::sync::atomic::AtomicBool,
+    /// The shard this grinder grinds (`K/N`), when sharded: a label on `blackbox_grind_active`.
+    shard: std::sync::OnceLock<String>,
 }
 
 fn escape(v: &str) -> String {
@@ -144,6 +146,12 @@ impl Reducer {
             .store(active, std::sync::atomic::Ordering::Relaxed);
     }
 
+    /// Names the shard this grinder grinds (`K/N`): `blackbox_grind_active` carries it as
+    /// the label `shard`, so a dashboard sees which shard has no active grinder. Set once.
+    pub fn set_shard(&self, shard: String) {
+        let _ = self.shard.set(shard);
+    }
+
     /// Prometheus text exposition at wall time `now_us`; drops minute buckets older than the
     /// longest window.
     pub fn render(&self, now_us: i64) -> String {
@@ -200,7 +208,10 @@ impl Reducer {
         }
         let _ = writeln!(
             out,
-            "# HELP blackbox_grind_active 1 while this grinder holds its checkpoint's lock and grinds, 0 while it waits as a standby.\n# TYPE blackbox_grind_active gauge\nblackbox_grind_active {}",
+            "# HELP blackbox_grind_active 1 while this grinder holds its checkpoint's lock and grinds, 0 while it waits as a standby.\n# TYPE blackbox_grind_active gauge\nblackbox_grind_active{} {}",
+            self.shard
+                .get()
+                .map_or(String::new(), |s| format!("{{shard=\"{}\"}}", escape(s))),
             u8::from(self.active.load(std::sync::atomic::Ordering::Relaxed))
         );
         if let Some(lag) = s.lag_us {
@@ -288,5 +299,21 @@ mod tests {
         ] {
             assert!(text.contains(want), "{want} missing from\n{text}");
         }
+    }
+
+    #[test]
+    fn the_active_gauge_names_its_shard() {
+        let now = 1_795_269_785_000_000;
+        let plain = Reducer::default();
+        plain.set_active(true);
+        assert!(plain.render(now).contains("\nblackbox_grind_active 1\n"));
+        let sharded = Reducer::default();
+        sharded.set_shard("1/4".into());
+        sharded.set_shard("2/4".into());
+        let text = sharded.render(now);
+        assert!(
+            text.contains("\nblackbox_grind_active{shard=\"1/4\"} 0\n"),
+            "{text}"
+        );
     }
 }
