@@ -39,7 +39,7 @@ use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
 use crate::dedup::{Overlap, Runs, Seen};
-use crate::lease::{Scope, StoreLock};
+use crate::lease::{LockLost, Scope, StoreLock};
 use crate::reader::{self, Decoded, Filter, Member, Shard, Source, SourceRead, get_opt};
 use crate::reducer::{Reducer, SeriesKey};
 use crate::rules::{Hit, Rules};
@@ -1176,20 +1176,61 @@ async fn grind_locked(
     if let Err(e) = g.seed_windows(&rules.current()).await {
         tracing::warn!(error = %format!("{e:#}"), "cannot seed the metrics windows from the stored events");
     }
+    let mut failures = 0u32;
     loop {
         let r = rules.current();
-        let idle = g.step(&r).await?;
-        if once && idle {
-            g.save().await?;
-            return Ok(());
-        }
-        if idle {
-            // Idle, the lease is still extended (and a lost one noticed).
-            g.keep_lock().await?;
-            tokio::time::sleep(poll).await;
+        let pass = async {
+            let idle = g.step(&r).await?;
+            if once && idle {
+                g.save().await?;
+            } else if idle {
+                // Idle, the lease is still extended (and a lost one noticed).
+                g.keep_lock().await?;
+            }
+            anyhow::Ok(idle)
+        };
+        match pass.await {
+            Ok(true) if once => return Ok(()),
+            Ok(idle) => {
+                if failures > 0 {
+                    tracing::info!(failures, "grinding again after store errors");
+                    failures = 0;
+                }
+                if idle {
+                    tokio::time::sleep(poll).await;
+                }
+            }
+            // A batch run reports the error; a lost lock means another grinder grinds now.
+            Err(e) if once || LockLost::is(&e) => return Err(e),
+            Err(e) => {
+                // A store error (a full disk, an unreachable or failing S3): nothing after the
+                // last events object written was marked done, so trying again from here
+                // loses and doubles nothing, as a restart would not.
+                failures += 1;
+                g.reducer.error();
+                let wait = retry_wait(failures);
+                tracing::error!(
+                    error = %format!("{e:#}"),
+                    failures,
+                    retry_in_s = wait.as_secs_f64(),
+                    "grinding failed; trying again"
+                );
+                tokio::time::sleep(wait).await;
+            }
         }
     }
 }
+
+/// How long a following grinder waits after its `failures`-th store error in a row: 1 s,
+/// doubling, at most [`RETRY_MAX`].
+fn retry_wait(failures: u32) -> Duration {
+    Duration::from_secs(1)
+        .saturating_mul(1 << failures.saturating_sub(1).min(16))
+        .min(RETRY_MAX)
+}
+
+/// The longest wait between a following grinder's tries after store errors.
+const RETRY_MAX: Duration = Duration::from_secs(30);
 
 #[cfg(test)]
 mod tests {
@@ -1198,6 +1239,13 @@ mod tests {
 
     /// A shard's events objects carry the shard in their names, and each grinder knows its own
     /// among them (re-grinding deletes only those; the metrics are seeded only from those).
+    #[test]
+    fn store_errors_are_retried_after_doubling_waits_up_to_the_cap() {
+        let waits: Vec<u64> = (1..=8).map(|n| retry_wait(n).as_secs()).collect();
+        assert_eq!(waits, [1, 2, 4, 8, 16, 30, 30, 30]);
+        assert_eq!(retry_wait(u32::MAX), RETRY_MAX);
+    }
+
     #[test]
     fn events_keys_name_their_shard() {
         let src = Source {

@@ -20,12 +20,25 @@
 //! to well within half the lease. An unreadable lock object is taken as expired (and said so).
 use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use object_store::path::Path;
 use object_store::{PutMode, PutOptions, PutPayload};
 use serde::{Deserialize, Serialize};
 
 use crate::reader::{delete, get_opt};
+
+/// Another process holds the lock now (its lease ran out and it was taken, or the lock object
+/// was deleted): the holder that gets this must stop before changing anything.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct LockLost(String);
+
+impl LockLost {
+    /// Is `e` (or what it wraps) a lost lock, rather than a store error?
+    pub fn is(e: &anyhow::Error) -> bool {
+        e.chain().any(|c| c.is::<Self>())
+    }
+}
 use crate::store::Store;
 use crate::timespec::{now_us, rfc3339};
 
@@ -308,17 +321,21 @@ impl StoreLock {
 
     /// Checks that this process still holds the lock (call it before deleting objects or
     /// switching readers) and extends the lease once half of it has passed.
+    ///
+    /// Fails with [`LockLost`] when another process holds the lock now (the caller must stop);
+    /// any other error is the store's (the lock may still be this process's: try again).
     pub async fn hold(&self, store: &Store) -> anyhow::Result<()> {
         let (what, of) = (self.scope.what, &self.scope.of);
         let mut held = self.held.lock().await;
         let top = self.scope.numbers(store).await?.last().copied();
         if top != Some(held.n) {
-            bail!(
+            return Err(LockLost(format!(
                 "this {what} lost {of} (its lease ran out and another {what} took it, or it \
                  was deleted): stopping before changing anything"
-            );
+            ))
+            .into());
         }
-        held.checked = std::time::Instant::now();
+        let checked = std::time::Instant::now();
         let now = now_us();
         if now >= held.expires_us.saturating_sub(self.ttl_us / 2) {
             let next = held.n + 1;
@@ -326,15 +343,21 @@ impl StoreLock {
                 format!("extending the {what} lock: stopping before changing anything")
             })?
             else {
-                bail!(
+                return Err(LockLost(format!(
                     "this {what} lost {of} while extending it (another {what} took the next \
                      number): stopping before changing anything"
-                );
+                ))
+                .into());
             };
             held.expires_us = expires_us;
             held.n = next;
+            held.checked = checked;
             drop(held);
             self.forget_before(store, next).await;
+        } else {
+            // Only now, with at least half the lease left (or a new one), may `keep` skip
+            // the store for a quarter of it: not after an extension that failed.
+            held.checked = checked;
         }
         Ok(())
     }

@@ -28,6 +28,8 @@ struct State {
     lines: u64,
     bytes: u64,
     problems: u64,
+    /// Grinding passes that failed (a store error) and were tried again.
+    errors: u64,
     lag_us: Option<i64>,
 }
 
@@ -140,6 +142,11 @@ impl Reducer {
         }
     }
 
+    /// Counts a grinding pass that failed (a store error) and will be tried again.
+    pub fn error(&self) {
+        self.lock().errors += 1;
+    }
+
     /// Says whether this grinder grinds (holds its checkpoint's lock) or waits as a standby.
     pub fn set_active(&self, active: bool) {
         self.active
@@ -199,6 +206,11 @@ impl Reducer {
                 "problems",
                 "Damaged chunks or lines found (named in the log).",
                 s.problems,
+            ),
+            (
+                "errors",
+                "Grinding passes that failed on a store error (named in the log) and were tried again.",
+                s.errors,
             ),
         ] {
             let _ = writeln!(

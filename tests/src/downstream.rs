@@ -187,3 +187,46 @@ pub fn put_segment(store_url: &str, env: &[(String, String)], key: &str, chunks:
         store.put(&idx_key, idx).await.unwrap();
     });
 }
+
+/// Every event under `prefix` in the store at `store` (gzip NDJSON objects), sorted.
+pub fn events(store: &str, prefix: &str) -> Vec<blackbox_server::grind::Event> {
+    use std::io::Read as _;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let st = blackbox_server::Store::open(store).unwrap();
+        let mut out = Vec::new();
+        for k in st.list(prefix).await.unwrap() {
+            let bytes = st.get(&k).await.unwrap();
+            let mut text = String::new();
+            flate2::read::MultiGzDecoder::new(&bytes[..])
+                .read_to_string(&mut text)
+                .unwrap();
+            out.extend(
+                text.lines()
+                    .map(|l| serde_json::from_str::<blackbox_server::grind::Event>(l).unwrap()),
+            );
+        }
+        out.sort();
+        out
+    })
+}
+
+/// `blackbox-server grind` arguments: `store`, `rules`, events under `<prefix>events/`, the
+/// checkpoint `<prefix>checkpoint.json`, then `extra`.
+pub fn grind_args(store: &str, rules: &str, prefix: &str, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = ["grind", "--store", store, "--rules", rules]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    args.extend([
+        "--events-prefix".into(),
+        format!("{prefix}events/"),
+        "--checkpoint".into(),
+        format!("{prefix}checkpoint.json"),
+    ]);
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}

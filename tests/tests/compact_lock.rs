@@ -220,7 +220,9 @@ fn a_grinders_lock_is_its_checkpoints() {
             .await
             .expect("trusted within a quarter of the lease");
         tokio::time::sleep(Duration::from_millis(250)).await;
-        let e = format!("{:#}", g.keep(&store).await.unwrap_err());
+        let e = g.keep(&store).await.unwrap_err();
+        assert!(blackbox_server::lease::LockLost::is(&e), "{e:#}");
+        let e = format!("{e:#}");
         assert!(
             e.contains("this grinder lost the lock of grind/checkpoint.json"),
             "{e}"

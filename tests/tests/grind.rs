@@ -7,40 +7,14 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use blackbox_protocol::SyncPoint;
-use blackbox_server::Store;
 use blackbox_server::grind::Event;
 use blackbox_server::timespec::now_us;
 use blackbox_tests::downstream::{
-    Rec, corpus_lines, encode, line_chunks, post, server_cmd, server_ok,
+    Rec, corpus_lines, encode, events, grind_args, line_chunks, post, server_cmd, server_ok,
 };
 use blackbox_tests::harness::{Server, bin, duckdb, wait_until};
 
 const S: i64 = 1_000_000;
-
-/// Every event under `prefix`, sorted.
-fn events(store: &str, prefix: &str) -> Vec<Event> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let st = Store::open(store).unwrap();
-        let mut out = Vec::new();
-        for k in st.list(prefix).await.unwrap() {
-            let bytes = st.get(&k).await.unwrap();
-            let mut text = String::new();
-            flate2::read::MultiGzDecoder::new(&bytes[..])
-                .read_to_string(&mut text)
-                .unwrap();
-            out.extend(
-                text.lines()
-                    .map(|l| serde_json::from_str::<Event>(l).unwrap()),
-            );
-        }
-        out.sort();
-        out
-    })
-}
 
 /// The corpus files as four devices, 100 lines a chunk, each chunk to one of two receivers
 /// (and every fifth chunk to both: stored twice). Returns the device → lines map.
@@ -233,27 +207,9 @@ fn killed_grinder_restarts_without_losing_or_doubling() {
     )
     .unwrap();
     let rules = rules.to_str().unwrap();
-    let args = |prefix: &str, extra: &[&str]| -> Vec<String> {
-        let mut args: Vec<String> = [
-            "grind",
-            "--store",
-            &store,
-            "--rules",
-            rules,
-            "--events-prefix",
-            &format!("{prefix}events/"),
-            "--checkpoint",
-            &format!("{prefix}checkpoint.json"),
-            "--parallel",
-            "2",
-            "--checkpoint-every-ms",
-            "0",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        args.extend(extra.iter().map(|s| s.to_string()));
-        args
+    let args = |prefix: &str, extra: &[&str]| {
+        let more = [&["--parallel", "2", "--checkpoint-every-ms", "0"], extra].concat();
+        grind_args(&store, rules, prefix, &more)
     };
     let grind = |prefix: &str, extra: &[&str]| {
         let a = args(prefix, extra);
