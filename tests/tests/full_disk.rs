@@ -1,6 +1,6 @@
-//! A full disk under the local-directory store: a small tmpfs that a ballast file fills to the
-//! last byte (mounting it needs root; CI runs as root). What the brief asks of every bad
-//! input: a clear error, and nothing lost.
+//! A full disk under the store, a following grinder or the agent's ring: a small tmpfs that a
+//! ballast file fills to the last byte (mounting it needs root; CI runs as root). What the
+//! brief asks of every bad input: a clear error, and nothing lost.
 #![allow(clippy::unwrap_used)]
 
 use std::io::Write as _;
@@ -12,7 +12,7 @@ use blackbox_protocol::SyncPoint;
 use blackbox_server::timespec::now_us;
 use blackbox_tests::downstream::{corpus_lines, events, grind_args, line_chunks, post, server_cmd};
 use blackbox_tests::harness::{
-    Agent, KmsgFile, Server, bin, free_port, read_store, seqs_by_device, wait_until,
+    Agent, BOOT, KmsgFile, Server, bin, free_port, read_store, seqs_by_device, wait_until,
 };
 
 /// A tmpfs of a few MiB mounted for one test (unmounted when dropped), standing in for a disk.
@@ -117,21 +117,9 @@ fn a_full_disk_refuses_uploads_with_503_and_loses_nothing() {
         ],
         tmp.path(),
     );
-    let mut kmsg = KmsgFile::new(tmp.path().join("kmsg"));
-    kmsg.append(100, "before");
-    let agent = Agent::start(
-        &server.url(),
-        &tmp.path().join("state"),
-        &kmsg.path,
-        "full-disk",
-        &["--interval", "1"],
-    );
+    let (mut kmsg, agent) =
+        agent_with_100_lines_stored(&server, tmp.path(), &tmp.path().join("state"), "full-disk");
     let stored = |n: usize| read_store(&store, &[]).len() == n;
-    assert!(
-        wait_until(Duration::from_secs(30), || stored(100)),
-        "{}",
-        agent.log_text()
-    );
 
     disk.fill();
     kmsg.append(100, "while the disk is full");
@@ -318,6 +306,110 @@ fn a_lock_that_cannot_be_extended_is_not_trusted_until_it_is() {
             "not extended: {keys:?}"
         );
     });
+}
+
+/// The agent's file ring is reserved in full when it starts: a sparse file's holes are only
+/// allocated when the ring first writes into them, and on a full disk that write would kill the
+/// agent (SIGBUS). Here its disk fills after it started, and it goes on recording and uploading
+/// thousands of lines into ring pages it had not touched yet.
+#[test]
+fn a_disk_that_fills_under_the_agents_ring_does_not_stop_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let disk = SmallDisk::mount(&tmp.path().join("disk"), "20m");
+    let store = format!("file://{}", tmp.path().join("store").display());
+    let server = Server::start(&store, vec![], &["--segment-max-age-ms", "100"], tmp.path());
+    let (mut kmsg, agent) = agent_with_100_lines_stored(
+        &server,
+        tmp.path(),
+        &disk.dir.join("state"),
+        "ring-on-a-full-disk",
+    );
+    let stored = |n: usize| read_store(&store, &[]).len() == n;
+    disk.fill();
+    // About 1.5 MiB of records: far more ring pages than the first hundred lines touched.
+    kmsg.append(
+        20_000,
+        "after the disk filled, a line long enough to fill ring pages fast",
+    );
+    assert!(
+        wait_until(Duration::from_secs(60), || stored(20_100)),
+        "{} of 20100 lines stored; agent:\n{}",
+        read_store(&store, &[]).len(),
+        agent.log_text()
+    );
+    let by_dev = seqs_by_device(&read_store(&store, &[]));
+    assert_eq!(
+        by_dev["ring-on-a-full-disk"],
+        (0..20_100).collect::<Vec<u64>>()
+    );
+}
+
+/// No room on the disk for the ring: the agent stops at once and says why (the ring file, its
+/// size, the disk full), instead of starting on a sparse file it could not write into.
+#[test]
+fn no_room_for_the_agents_ring_is_a_clear_error_at_start() {
+    let tmp = tempfile::tempdir().unwrap();
+    let disk = SmallDisk::mount(&tmp.path().join("disk"), "4m");
+    let kmsg = KmsgFile::new(tmp.path().join("kmsg"));
+    let state = disk.dir.join("state");
+    let mut child = Command::new(bin("blackbox-agent"))
+        .args(["run", "--server", "http://127.0.0.1:9", "--state-dir"])
+        .arg(&state)
+        .arg("--kmsg")
+        .arg(&kmsg.path)
+        .args(["--device-id", "no-room", "--boot-id", BOOT, "--pstore-dir"])
+        .arg(tmp.path().join("pstore"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let exited = wait_until(Duration::from_secs(10), || {
+        child.try_wait().unwrap().is_some()
+    });
+    if !exited {
+        let _ = child.kill();
+    }
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(exited, "the agent did not stop:\n{err}");
+    assert!(!out.status.success());
+    let ring = state.join("ring");
+    for want in [
+        format!(
+            "reserving 16777216 bytes for the ring file {}",
+            ring.display()
+        ),
+        "No space left on device".to_owned(),
+    ] {
+        assert!(err.contains(&want), "{want:?} not in:\n{err}");
+    }
+}
+
+/// An agent for `server` with its state in `state`, reading a kmsg file in `dir` (not on the
+/// disk that fills) that holds 100 lines, once those are stored.
+fn agent_with_100_lines_stored(
+    server: &Server,
+    dir: &Path,
+    state: &Path,
+    device: &str,
+) -> (KmsgFile, Agent) {
+    let mut kmsg = KmsgFile::new(dir.join(format!("{device}.kmsg")));
+    kmsg.append(100, "before");
+    let agent = Agent::start(
+        &server.url(),
+        state,
+        &kmsg.path,
+        device,
+        &["--interval", "1"],
+    );
+    assert!(
+        wait_until(Duration::from_secs(30), || read_store(&server.store, &[])
+            .len()
+            == 100),
+        "{}",
+        agent.log_text()
+    );
+    (kmsg, agent)
 }
 
 fn signal(sig: &str, pid: &str) {

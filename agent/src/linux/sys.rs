@@ -138,6 +138,7 @@ impl Mapping {
                 if f.metadata()?.len() != *len as u64 {
                     f.set_len(*len as u64)?;
                 }
+                reserve(&f, path, *len)?;
                 (f, 0, *len)
             }
         };
@@ -200,6 +201,34 @@ impl Mapping {
             let t = s.f_type as u64;
             t == 0x0102_1994 || t == 0x8584_58f6 // TMPFS_MAGIC, RAMFS_MAGIC
         })
+    }
+}
+
+/// Allocates every block of a ring file now. A file made by `set_len` is sparse: the first
+/// store into a page of a hole allocates it, and on a full filesystem that store is a SIGBUS
+/// that kills the agent. Reserved up front, a disk that fills later costs nothing, and one
+/// already full is a clear error at start. Filesystems without `fallocate` (UBIFS, JFFS2)
+/// keep the sparse file, with a warning.
+fn reserve(f: &File, path: &Path, len: usize) -> std::io::Result<()> {
+    match rustix::fs::fallocate(f, rustix::fs::FallocateFlags::empty(), 0, len as u64) {
+        Ok(()) => Ok(()),
+        Err(e) if e == rustix::io::Errno::OPNOTSUPP || e == rustix::io::Errno::NOSYS => {
+            eprintln!(
+                "blackbox-agent: warning: cannot reserve the ring file {} in full (its filesystem \
+                 has no fallocate): should that filesystem fill up, a write into the ring can \
+                 kill the agent; a ring on tmpfs or reserved memory avoids that",
+                path.display()
+            );
+            Ok(())
+        }
+        Err(e) => Err(std::io::Error::new(
+            std::io::Error::from(e).kind(),
+            format!(
+                "reserving {len} bytes for the ring file {}: {e} (free some space, or give \
+                 --ring a smaller size or another place)",
+                path.display()
+            ),
+        )),
     }
 }
 
