@@ -3,7 +3,8 @@
 //! Each sealed ring block becomes one chunk (its identity fixed by the block's boot and
 //! sequence range, so it survives a reboot unchanged); each gap entry becomes a chunk holding
 //! one gap record. A chunk the server rejects as invalid is written to `STATE/rejected/` and
-//! then treated as delivered, so it neither blocks the chunks behind it nor disappears.
+//! then treated as delivered, so it neither blocks the chunks behind it nor disappears (where
+//! it cannot be written, a full disk say, the agent names the records lost instead).
 use std::path::PathBuf;
 
 use blackbox_protocol::{BootId, Chunk, ChunkId, DeviceId, Limits, Origin, Record, SyncPoint};
@@ -20,7 +21,7 @@ pub enum RingBufError {
     /// Appending broke the ring's rules (a bug in the caller).
     #[error("ring append: {0}")]
     Append(ring::AppendError),
-    /// Writing a rejected chunk aside failed.
+    /// Writing a rejected chunk aside failed (it is dropped, and the agent says which records).
     #[error("{path}: {source}")]
     Io {
         /// File.
@@ -37,6 +38,25 @@ pub struct AppendNote {
     pub dropped: Option<ring::GapInfo>,
     /// Bytes cut from an over-long message.
     pub truncated: usize,
+}
+
+/// Writes a rejected chunk and the reason to `dir` (`BOOT-FIRST-LAST.gz` and `.why`).
+fn set_aside(
+    dir: &std::path::Path,
+    id: &ChunkId,
+    bytes: &[u8],
+    reason: &str,
+) -> Result<PathBuf, RingBufError> {
+    let io = |path: &std::path::Path| {
+        let path = path.to_owned();
+        move |source| RingBufError::Io { path, source }
+    };
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let name = format!("{}-{}-{}", id.boot, id.first_seq, id.last_seq);
+    let path = dir.join(format!("{name}.gz"));
+    std::fs::write(&path, bytes).map_err(io(&path))?;
+    let _ = std::fs::write(dir.join(format!("{name}.why")), reason);
+    Ok(path)
 }
 
 /// The ring buffer.
@@ -368,24 +388,96 @@ impl<M: Region> LogBuffer for RingBuffer<M> {
 
     fn reject(&mut self, id: &ChunkId, reason: &str) -> Result<(), RingBufError> {
         if let Some((_, s)) = self.current.iter().find(|(_, s)| s.id == *id) {
-            let dir = &self.rejected_dir;
-            let io = |source| RingBufError::Io {
-                path: dir.clone(),
-                source,
-            };
-            std::fs::create_dir_all(dir).map_err(io)?;
-            let name = format!("{}-{}-{}", id.boot, id.first_seq, id.last_seq);
-            let path = dir.join(format!("{name}.gz"));
-            std::fs::write(&path, &s.bytes).map_err(|source| RingBufError::Io {
-                path: path.clone(),
-                source,
-            })?;
-            let _ = std::fs::write(dir.join(format!("{name}.why")), reason);
-            eprintln!(
-                "blackbox-agent: server rejected chunk {id} ({reason}); kept in {}",
-                path.display()
-            );
+            match set_aside(&self.rejected_dir, id, &s.bytes, reason) {
+                Ok(path) => eprintln!(
+                    "blackbox-agent: server rejected chunk {id} ({reason}); kept in {}",
+                    path.display()
+                ),
+                // Kept in the ring, it would be sent and refused again for ever, holding back
+                // every chunk behind it (and an error here would stop the agent at each start).
+                Err(e) => eprintln!(
+                    "blackbox-agent: server rejected chunk {id} ({reason}) and it could not be \
+                     kept: {e}; records {}..={} of boot {} are lost",
+                    id.first_seq, id.last_seq, id.boot
+                ),
+            }
         }
         self.ack(id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn buffer(state: &std::path::Path) -> RingBuffer<Vec<u8>> {
+        let cfg = ring::RingConfig {
+            block_size: Some(4096),
+            ..Default::default()
+        };
+        let ring = Ring::format(vec![0u8; 64 << 10], BootId([1; 16]), cfg)
+            .unwrap_or_else(|(_, e)| panic!("{e}"));
+        RingBuffer::new(
+            Box::new(ring),
+            DeviceId::new("dev").unwrap(),
+            BootId([1; 16]),
+            state,
+        )
+    }
+
+    fn two_chunks(buf: &mut RingBuffer<Vec<u8>>) -> Vec<Sealed> {
+        let sync = SyncPoint {
+            mono_us: 0,
+            wall_us: 1_795_269_785_000_000,
+            synced: true,
+        };
+        for seq in 0..2 {
+            let rec = Record {
+                seq,
+                mono_us: seq,
+                level: 6,
+                facility: 0,
+                origin: Origin::Kmsg,
+                msg: format!("line {seq}").into_bytes(),
+            };
+            buf.append(rec, sync).unwrap();
+            buf.seal(sync).unwrap();
+        }
+        buf.next_batch(8, usize::MAX).unwrap()
+    }
+
+    /// A rejected chunk goes to `STATE/rejected/` with its reason, and the next chunk is next.
+    #[test]
+    fn a_rejected_chunk_is_set_aside_and_the_rest_goes_on() {
+        let state = tempfile::tempdir().unwrap();
+        let mut buf = buffer(state.path());
+        let batch = two_chunks(&mut buf);
+        assert_eq!(batch.len(), 2);
+        buf.reject(&batch[0].id, "bad").unwrap();
+        let dir = state.path().join("rejected");
+        let kept = std::fs::read(dir.join(format!("{}-0-0.gz", batch[0].id.boot))).unwrap();
+        assert_eq!(kept, batch[0].bytes);
+        let why = std::fs::read_to_string(dir.join(format!("{}-0-0.why", batch[0].id.boot)));
+        assert_eq!(why.unwrap(), "bad");
+        assert_eq!(
+            buf.next_unacked().unwrap().map(|s| s.id),
+            Some(batch[1].id.clone())
+        );
+    }
+
+    /// Where it cannot be written (here `rejected` is a file; a full disk does the same), the
+    /// rejected chunk is still let go: kept, it would be refused again for ever, and an error
+    /// would stop the agent at every start.
+    #[test]
+    fn a_rejected_chunk_that_cannot_be_kept_does_not_hold_the_rest_back() {
+        let state = tempfile::tempdir().unwrap();
+        std::fs::write(state.path().join("rejected"), b"in the way").unwrap();
+        let mut buf = buffer(state.path());
+        let batch = two_chunks(&mut buf);
+        buf.reject(&batch[0].id, "bad").unwrap();
+        assert_eq!(
+            buf.next_unacked().unwrap().map(|s| s.id),
+            Some(batch[1].id.clone())
+        );
     }
 }
