@@ -629,7 +629,14 @@ impl Grinder {
         reducer: Arc<Reducer>,
     ) -> anyhow::Result<Self> {
         let mine = cfg.shard.map(|s| s.to_string());
-        let ckpt = match (cfg.from_hour, get_opt(&store, &cfg.checkpoint_key).await?) {
+        let stored = retry_store(
+            !cfg.once,
+            &reducer,
+            "cannot read the checkpoint",
+            async || get_opt(&store, &cfg.checkpoint_key).await,
+        )
+        .await?;
+        let ckpt = match (cfg.from_hour, stored) {
             (Some(h), _) => {
                 tracing::info!(from = %hour_path(h), "grinding again from this hour with a fresh checkpoint");
                 Checkpoint {
@@ -1116,7 +1123,7 @@ pub async fn run(
     let lock = match cfg.lock_ttl {
         None => None,
         Some(ttl) => tokio::select! {
-            l = wait_for_lock(&store, &cfg, ttl) => Some(Arc::new(l?)),
+            l = wait_for_lock(&store, &cfg, ttl, &reducer) => Some(Arc::new(l?)),
             () = &mut shutdown => return Ok(()),
         },
     };
@@ -1138,12 +1145,19 @@ async fn wait_for_lock(
     store: &Store,
     cfg: &GrindConfig,
     ttl: Duration,
+    reducer: &Reducer,
 ) -> anyhow::Result<StoreLock> {
     let scope = Scope::grinder(&cfg.checkpoint_key);
     let every = (ttl / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
     let mut said: Option<Instant> = None;
     loop {
-        match StoreLock::try_acquire_in(store, scope.clone(), ttl).await? {
+        let tried = retry_store(
+            !cfg.once,
+            reducer,
+            "cannot take the checkpoint's lock",
+            async || StoreLock::try_acquire_in(store, scope.clone(), ttl).await,
+        );
+        match tried.await? {
             Ok(l) => {
                 if said.is_some() {
                     tracing::info!("the other grinder is gone: this standby grinds now");
@@ -1207,18 +1221,55 @@ async fn grind_locked(
                 // last events object written was marked done, so trying again from here
                 // loses and doubles nothing, as a restart would not.
                 failures += 1;
-                g.reducer.error();
-                let wait = retry_wait(failures);
-                tracing::error!(
-                    error = %format!("{e:#}"),
-                    failures,
-                    retry_in_s = wait.as_secs_f64(),
-                    "grinding failed; trying again"
-                );
-                tokio::time::sleep(wait).await;
+                store_failed(&g.reducer, failures, &e, "grinding failed").await;
             }
         }
     }
+}
+
+/// Runs a store operation of a grinder's start (taking its lock, reading its checkpoint).
+/// A following grinder (`follow`) rides out store errors there as it does while grinding
+/// (logged, counted in `blackbox_grind_errors_total`, tried again after [`retry_wait`]), so
+/// it can start before its store is reachable or while its disk is full; a batch run stops.
+async fn retry_store<T, E>(
+    follow: bool,
+    reducer: &Reducer,
+    what: &str,
+    mut op: impl AsyncFnMut() -> Result<T, E>,
+) -> Result<T, E>
+where
+    E: Into<anyhow::Error>,
+{
+    let mut failures = 0u32;
+    loop {
+        match op().await {
+            Ok(v) => {
+                if failures > 0 {
+                    tracing::info!(failures, "the store answers again");
+                }
+                return Ok(v);
+            }
+            Err(e) if !follow => return Err(e),
+            Err(e) => {
+                failures += 1;
+                store_failed(reducer, failures, &e.into(), what).await;
+            }
+        }
+    }
+}
+
+/// A following grinder's `failures`-th store error in a row: logged (`what`; trying again),
+/// counted in `blackbox_grind_errors_total`, then waited out ([`retry_wait`]).
+async fn store_failed(reducer: &Reducer, failures: u32, e: &anyhow::Error, what: &str) {
+    reducer.error();
+    let wait = retry_wait(failures);
+    tracing::error!(
+        error = %format!("{e:#}"),
+        failures,
+        retry_in_s = wait.as_secs_f64(),
+        "{what}; trying again"
+    );
+    tokio::time::sleep(wait).await;
 }
 
 /// How long a following grinder waits after its `failures`-th store error in a row: 1 s,
@@ -1237,8 +1288,6 @@ mod tests {
     use super::*;
     use blackbox_protocol::{BootId, Chunk, DeviceId, Origin, Record, SyncPoint};
 
-    /// A shard's events objects carry the shard in their names, and each grinder knows its own
-    /// among them (re-grinding deletes only those; the metrics are seeded only from those).
     #[test]
     fn store_errors_are_retried_after_doubling_waits_up_to_the_cap() {
         let waits: Vec<u64> = (1..=8).map(|n| retry_wait(n).as_secs()).collect();
@@ -1246,6 +1295,8 @@ mod tests {
         assert_eq!(retry_wait(u32::MAX), RETRY_MAX);
     }
 
+    /// A shard's events objects carry the shard in their names, and each grinder knows its own
+    /// among them (re-grinding deletes only those; the metrics are seeded only from those).
     #[test]
     fn events_keys_name_their_shard() {
         let src = Source {

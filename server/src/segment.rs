@@ -368,7 +368,9 @@ async fn recover(store: &Store, cfg: &SegmentConfig) -> anyhow::Result<Recent> {
     Ok(recent)
 }
 
-/// Rebuilds and writes the index of a segment from its chunks' headers.
+/// Rebuilds and writes the index of a segment from its chunks' headers. Writing it may fail
+/// (a full disk): the receiver still knows the chunks, readers read the segment whole, and the
+/// next start rebuilds the index again.
 async fn reindex(store: &Store, seg_key: &str) -> anyhow::Result<Vec<IndexEntry>> {
     let bytes = store.get(seg_key).await?;
     let mut entries = Vec::new();
@@ -388,10 +390,14 @@ async fn reindex(store: &Store, seg_key: &str) -> anyhow::Result<Vec<IndexEntry>
             }
         }
     }
-    let base = seg_key.trim_end_matches(".seg.gz");
-    store
-        .put(&format!("{base}.idx"), index_bytes(&entries))
-        .await?;
+    let idx_key = format!("{}.idx", seg_key.trim_end_matches(".seg.gz"));
+    if let Err(e) = store.put(&idx_key, index_bytes(&entries)).await {
+        tracing::error!(
+            key = %idx_key,
+            error = %e,
+            "cannot write a rebuilt index; the segment is read whole until the next start writes it"
+        );
+    }
     Ok(entries)
 }
 

@@ -163,6 +163,142 @@ fn a_full_disk_refuses_uploads_with_503_and_loses_nothing() {
     assert_eq!(get(&format!("{}/healthz", server.url())), "ok\n");
 }
 
+/// A store on a small disk (8 MiB) with a receiver writing to it, and the default rules.
+struct GrindSetup {
+    tmp: tempfile::TempDir,
+    disk: SmallDisk,
+    server: Server,
+    store: String,
+    rules: String,
+}
+
+impl GrindSetup {
+    fn new() -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let disk = SmallDisk::mount(&tmp.path().join("disk"), "8m");
+        let store = format!("file://{}", disk.dir.join("store").display());
+        let server = Server::start(&store, vec![], &["--segment-max-age-ms", "30"], tmp.path());
+        let rules = tmp.path().join("rules.toml");
+        std::fs::write(&rules, blackbox_server::rules::DEFAULT_RULES).unwrap();
+        let rules = rules.to_str().unwrap().to_owned();
+        Self {
+            tmp,
+            disk,
+            server,
+            store,
+            rules,
+        }
+    }
+
+    /// `grind` arguments from an hour back, events and checkpoint under `prefix`.
+    fn args(&self, prefix: &str, extra: &[&str]) -> Vec<String> {
+        grind_args(
+            &self.store,
+            &self.rules,
+            prefix,
+            &[&["--from", "-2h"], extra].concat(),
+        )
+    }
+
+    /// Starts a following grinder (events under `prefix`) serving `/metrics`; its log goes to
+    /// `grinder.log`.
+    fn follower(&self, prefix: &str) -> Follower {
+        let metrics = format!("127.0.0.1:{}", free_port());
+        let log = self.tmp.path().join("grinder.log");
+        let child = Command::new(bin("blackbox-server"))
+            .args(self.args(prefix, &["--metrics-listen", &metrics]))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        Follower {
+            child,
+            metrics,
+            log,
+        }
+    }
+
+    /// Uploads two devices' corpus logs (an hour old), and returns the events a grinder that
+    /// never saw the disk full makes of them (a `--once` run under `ref/`).
+    fn upload_and_grind_reference(&self) -> Vec<blackbox_server::grind::Event> {
+        let sync = SyncPoint {
+            mono_us: 0,
+            wall_us: now_us() - 3_600_000_000,
+            synced: true,
+        };
+        for (device, file) in [("dev-linux", "Linux_2k.log"), ("dev-ssh", "OpenSSH_2k.log")] {
+            for body in line_chunks(device, 3, sync, &corpus_lines(file), 100) {
+                assert_eq!(post(&self.server.url(), device, &body), Ok(201));
+            }
+        }
+        let args = self.args("ref/", &["--once"]);
+        let reference = server_cmd(&args.iter().map(String::as_str).collect::<Vec<_>>(), &[]);
+        assert!(reference.status.success(), "{reference:?}");
+        let reference = events(&self.store, "ref/events/");
+        assert!(reference.len() > 100, "{} events", reference.len());
+        reference
+    }
+
+    /// Frees the disk, waits for the follower's events under `prefix` to catch up with
+    /// `reference` and checks they are equal; stops the follower and returns its log.
+    fn catch_up(
+        &self,
+        mut f: Follower,
+        prefix: &str,
+        reference: &[blackbox_server::grind::Event],
+    ) -> String {
+        self.disk.free();
+        let events_dir = format!("{prefix}events/");
+        let caught_up = wait_until(Duration::from_secs(60), || {
+            events(&self.store, &events_dir).len() >= reference.len()
+        });
+        let text = f.log();
+        let _ = f.child.kill();
+        let _ = f.child.wait();
+        assert!(caught_up, "{text}");
+        assert!(
+            events(&self.store, &events_dir) == reference,
+            "events differ from a run that never saw the disk full"
+        );
+        text
+    }
+}
+
+/// A grinder started by [`GrindSetup::follower`].
+struct Follower {
+    child: std::process::Child,
+    metrics: String,
+    log: PathBuf,
+}
+
+impl Follower {
+    fn metrics(&self) -> String {
+        get(&format!("http://{}/metrics", self.metrics))
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until it has counted two store errors; checks it is still running and its log
+    /// says the disk is full.
+    fn rides_out_errors(&mut self, says: &str) {
+        let failed_twice = wait_until(Duration::from_secs(20), || {
+            metric(&self.metrics(), "blackbox_grind_errors_total").is_some_and(|n| n >= 2)
+        });
+        let text = self.log();
+        assert!(failed_twice, "{}\n{text}", self.metrics());
+        assert!(
+            self.child.try_wait().unwrap().is_none(),
+            "the grinder exited:\n{text}"
+        );
+        assert!(
+            text.contains(says) && text.contains("No space left on device"),
+            "{text}"
+        );
+    }
+}
+
 /// The store's disk fills under a following grinder: writing its events fails, and it says so
 /// (the disk is full), counts the failures in `blackbox_grind_errors_total`, writes no events
 /// object, does not move its checkpoint on, and keeps trying (waits doubling from 1 s) instead of exiting.
@@ -170,96 +306,110 @@ fn a_full_disk_refuses_uploads_with_503_and_loses_nothing() {
 /// the disk full.
 #[test]
 fn a_full_disk_holds_a_grinder_back_and_it_catches_up_when_space_returns() {
-    let tmp = tempfile::tempdir().unwrap();
-    let disk = SmallDisk::mount(&tmp.path().join("disk"), "8m");
-    let store = format!("file://{}", disk.dir.join("store").display());
-    let server = Server::start(&store, vec![], &["--segment-max-age-ms", "30"], tmp.path());
-    let rules = tmp.path().join("rules.toml");
-    std::fs::write(&rules, blackbox_server::rules::DEFAULT_RULES).unwrap();
-    let rules = rules.to_str().unwrap();
-    let args = |prefix: &str, extra: &[&str]| {
-        grind_args(&store, rules, prefix, &[&["--from", "-2h"], extra].concat())
-    };
-
+    let setup = GrindSetup::new();
     // The follower starts on an empty store, takes its lock and idles; it is stopped (SIGSTOP)
     // while the logs arrive and the disk fills, so that its first write meets a full disk.
-    let metrics = format!("127.0.0.1:{}", free_port());
-    let log = tmp.path().join("grinder.log");
-    let mut follower = Command::new(bin("blackbox-server"))
-        .args(args("full/", &["--metrics-listen", &metrics]))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let pid = follower.id().to_string();
-    let metrics_text = || get(&format!("http://{metrics}/metrics"));
+    let mut follower = setup.follower("full/");
     assert!(
         wait_until(Duration::from_secs(20), || {
-            metrics_text().contains("blackbox_grind_active 1")
+            follower.metrics().contains("blackbox_grind_active 1")
         }),
         "{}",
-        std::fs::read_to_string(&log).unwrap_or_default()
+        follower.log()
     );
+    let pid = follower.child.id().to_string();
     signal("-STOP", &pid);
-    let sync = SyncPoint {
-        mono_us: 0,
-        wall_us: now_us() - 3_600_000_000,
-        synced: true,
-    };
-    for (device, file) in [("dev-linux", "Linux_2k.log"), ("dev-ssh", "OpenSSH_2k.log")] {
-        for body in line_chunks(device, 3, sync, &corpus_lines(file), 100) {
-            assert_eq!(post(&server.url(), device, &body), Ok(201));
-        }
-    }
-    // What a grinder that never saw the disk full writes.
-    let reference = server_cmd(
-        &args("ref/", &["--once"])
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>(),
-        &[],
-    );
-    assert!(reference.status.success(), "{reference:?}");
-    let reference = events(&store, "ref/events/");
-    assert!(reference.len() > 100, "{} events", reference.len());
+    let reference = setup.upload_and_grind_reference();
 
-    let checkpoint = disk.dir.join("store/full/checkpoint.json");
+    let checkpoint = setup.disk.dir.join("store/full/checkpoint.json");
     let checkpoint_before = std::fs::read(&checkpoint).ok();
-    disk.fill();
+    setup.disk.fill();
     signal("-CONT", &pid);
-    let failed_twice = wait_until(Duration::from_secs(20), || {
-        metric(&metrics_text(), "blackbox_grind_errors_total").is_some_and(|n| n >= 2)
-    });
-    let text = std::fs::read_to_string(&log).unwrap_or_default();
-    assert!(failed_twice, "{}\n{text}", metrics_text());
-    assert!(
-        follower.try_wait().unwrap().is_none(),
-        "the grinder exited:\n{text}"
-    );
-    assert!(
-        text.contains("grinding failed; trying again") && text.contains("No space left on device"),
-        "{text}"
-    );
-    assert!(events(&store, "full/events/").is_empty());
+    follower.rides_out_errors("grinding failed; trying again");
+    assert!(events(&setup.store, "full/events/").is_empty());
     assert_eq!(
         std::fs::read(&checkpoint).ok(),
         checkpoint_before,
         "the checkpoint moved on without the events"
     );
 
-    disk.free();
-    let caught_up = wait_until(Duration::from_secs(60), || {
-        events(&store, "full/events/").len() >= reference.len()
-    });
-    let text = std::fs::read_to_string(&log).unwrap_or_default();
-    let _ = follower.kill();
-    let _ = follower.wait();
-    assert!(caught_up, "{text}");
-    assert!(
-        events(&store, "full/events/") == reference,
-        "events differ from a run that never saw the disk full"
-    );
+    let text = setup.catch_up(follower, "full/", &reference);
     assert!(text.contains("grinding again after store errors"), "{text}");
+}
+
+/// A following grinder started while its store's disk is full cannot take its checkpoint's
+/// lock (that writes an object): it says so, counts the failures, stays a standby
+/// (`blackbox_grind_active 0`) and keeps trying instead of exiting. When space returns it
+/// takes the lock and grinds everything, as a grinder started then would.
+#[test]
+fn a_grinder_started_on_a_full_disk_waits_for_room() {
+    let setup = GrindSetup::new();
+    let reference = setup.upload_and_grind_reference();
+    setup.disk.fill();
+    let mut follower = setup.follower("late/");
+    follower.rides_out_errors("cannot take the checkpoint's lock; trying again");
+    assert!(
+        follower.metrics().contains("blackbox_grind_active 0"),
+        "{}",
+        follower.metrics()
+    );
+
+    let text = setup.catch_up(follower, "late/", &reference);
+    assert!(text.contains("the store answers again"), "{text}");
+}
+
+/// A receiver that died between writing a segment and its index, restarted on a full disk:
+/// it rebuilds the index in memory, says it cannot write it, and serves (a retry of the chunk
+/// in that segment is recognised and acknowledged without a write). Once space returns, the
+/// next start writes the index.
+#[test]
+fn a_receiver_restarted_on_a_full_disk_recovers_without_writing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let disk = SmallDisk::mount(&tmp.path().join("disk"), "4m");
+    let store = format!("file://{}", disk.dir.join("store").display());
+    let mut server = Server::start(
+        &store,
+        vec![],
+        &["--segment-max-age-ms", "30", "--fault", "after-segment-put"],
+        tmp.path(),
+    );
+    let sync = SyncPoint {
+        mono_us: 0,
+        wall_us: now_us(),
+        synced: true,
+    };
+    let lines: Vec<String> = (0..10).map(|i| format!("line {i}")).collect();
+    let chunk = line_chunks("dev-orphan", 1, sync, &lines, 10).remove(0);
+    let r = post(&server.url(), "dev-orphan", &chunk);
+    assert!(r.is_err(), "the receiver should have died first, got {r:?}");
+    assert!(server.wait_exit(Duration::from_secs(10)));
+    let kinds = |suffix: &str| {
+        walk(&disk.dir.join("store"))
+            .iter()
+            .filter(|k| k.ends_with(suffix))
+            .count()
+    };
+    assert_eq!((kinds(".seg.gz"), kinds(".idx")), (1, 0));
+
+    disk.fill();
+    server.restart();
+    assert_eq!(post(&server.url(), "dev-orphan", &chunk), Ok(200));
+    let log = server.log_text();
+    assert!(
+        log.contains("cannot write a rebuilt index") && log.contains("No space left on device"),
+        "{log}"
+    );
+    assert_eq!(kinds(".idx"), 0);
+
+    disk.free();
+    server.kill9();
+    server.restart();
+    assert_eq!(kinds(".idx"), 1, "{}", server.log_text());
+    assert_eq!(post(&server.url(), "dev-orphan", &chunk), Ok(200));
+    assert_eq!(
+        seqs_by_device(&read_store(&store, &[]))["dev-orphan"],
+        (0..10).collect::<Vec<u64>>()
+    );
 }
 
 /// A lock whose lease could not be extended (the disk full) is a store error, not a lost lock:
