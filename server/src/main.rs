@@ -361,7 +361,10 @@ struct ServeArgs {
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+            // object_store logs each retry of a request at INFO; the error after the last
+            // retry is logged where it is handled.
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,object_store=warn".into()),
         )
         .with_writer(std::io::stderr)
         .init();

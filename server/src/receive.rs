@@ -333,6 +333,11 @@ impl IntoResponse for ApiError {
             Self::TooLarge(_, max) => {
                 serde_json::json!({ "error": self.to_string(), "max_body": max })
             }
+            // The store's error names its endpoint, bucket and keys: that stays in the
+            // receiver's log ("segment write failed"), not in answers to devices.
+            Self::Commit(CommitError::Store(_), _) => {
+                serde_json::json!({ "error": "the store is unavailable, retry later" })
+            }
             _ => serde_json::json!({ "error": self.to_string() }),
         };
         let mut resp = (status, axum::Json(body)).into_response();

@@ -532,6 +532,85 @@ pub fn seqs_by_device(lines: &[StoredLine]) -> HashMap<String, Vec<u64>> {
     m
 }
 
+/// A receiver (development mode) on `store` for tests where the store fails under uploads: it
+/// writes a segment every 100 ms, asks for retries after 1 s, and serves `/metrics` on the
+/// address returned beside it.
+pub fn receiver_for_store_failures(
+    store: &str,
+    env: Vec<(String, String)>,
+    log_dir: &Path,
+) -> (Server, String) {
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let server = Server::start(
+        store,
+        env,
+        &[
+            "--segment-max-age-ms",
+            "100",
+            "--retry-after",
+            "1",
+            "--metrics-listen",
+            &metrics,
+        ],
+        log_dir,
+    );
+    (server, metrics)
+}
+
+/// An agent of `device` (state in `state`, its kernel log a file in `dir`) uploading every
+/// second to `server`, once its first 100 lines ("before") are stored.
+pub fn agent_with_100_lines_stored(
+    server: &Server,
+    dir: &Path,
+    state: &Path,
+    device: &str,
+) -> (KmsgFile, Agent) {
+    let mut kmsg = KmsgFile::new(dir.join(format!("{device}.kmsg")));
+    kmsg.append(100, "before");
+    let agent = Agent::start(
+        &server.url(),
+        state,
+        &kmsg.path,
+        device,
+        &["--interval", "1"],
+    );
+    assert!(
+        wait_until(Duration::from_secs(30), || read_store(
+            &server.store,
+            &server.env
+        )
+        .len()
+            == 100),
+        "{}",
+        agent.log_text()
+    );
+    (kmsg, agent)
+}
+
+/// The body of a plain-HTTP GET, or `""` when it fails (for `/metrics` and `/healthz`).
+pub fn http_text(url: &str) -> String {
+    ureq::get(url)
+        .call()
+        .ok()
+        .and_then(|mut r| r.body_mut().read_to_string().ok())
+        .unwrap_or_default()
+}
+
+/// A metric in Prometheus text: the sum of the samples named `name` (with any labels, or with
+/// the labels `name` ends in), `None` when there is none.
+pub fn metric(text: &str, name: &str) -> Option<u64> {
+    text.lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix(name)?;
+            let value = match rest.strip_prefix(' ') {
+                Some(v) => v,
+                None => rest.strip_prefix('{')?.rsplit_once("} ")?.1,
+            };
+            value.trim().parse::<u64>().ok()
+        })
+        .reduce(|a, b| a + b)
+}
+
 /// Polls `f` until it returns true or `timeout` passes.
 pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;

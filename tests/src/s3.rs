@@ -131,6 +131,17 @@ impl Weed {
     /// ports, so [`Weed::endpoint`] and [`Weed::env`] stay valid. Returns once it is ready.
     pub fn restart(&mut self) -> Result<()> {
         self.stop_gracefully();
+        self.start_again()
+    }
+
+    /// Stops the server gracefully (SIGTERM): its endpoint refuses connections until
+    /// [`Weed::start_again`].
+    pub fn stop(&mut self) {
+        self.stop_gracefully();
+    }
+
+    /// Starts a stopped server again on the same data and ports; returns once it is ready.
+    pub fn start_again(&mut self) -> Result<()> {
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
             self.child = spawn(&self.bin, self.dir.path(), &self.ports)?;

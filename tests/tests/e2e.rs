@@ -6,7 +6,8 @@ use std::time::{Duration, Instant};
 
 use blackbox_tests::downstream::post;
 use blackbox_tests::harness::{
-    Agent, KmsgFile, Server, list_store, read_store, seqs_by_device, wait_until,
+    Agent, KmsgFile, Server, agent_with_100_lines_stored, http_text, list_store, metric,
+    read_store, receiver_for_store_failures, seqs_by_device, wait_until,
 };
 use blackbox_tests::s3::Weed;
 use blackbox_tests::tlsclient::chunk;
@@ -479,14 +480,6 @@ fn sigterm_uploads_what_is_waiting_then_exits() {
     assert!(agent.log_text().contains("stopping: uploading"));
 }
 
-/// A metric's value in Prometheus text (`name value` or `name{labels} value`).
-fn metric(text: &str, name: &str) -> u64 {
-    text.lines()
-        .filter(|l| l.starts_with(name))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-        .sum()
-}
-
 /// A backlog of 20,000 lines in 4 KiB ring blocks (about 200 chunks), uploaded by one agent to a
 /// server started with `server_args`: every line stored once, in order. Returns the agent's
 /// log, the server's metrics text and the agent's state directory (in `tmp`).
@@ -513,12 +506,7 @@ fn upload_a_backlog(
         &["--interval", "1", "--block-size", "4096"],
     );
     let log = all_stored_once_in_order(&store, device, total, &agent);
-    let text = ureq::get(format!("http://{metrics}/metrics"))
-        .call()
-        .unwrap()
-        .body_mut()
-        .read_to_string()
-        .unwrap();
+    let text = http_text(&format!("http://{metrics}/metrics"));
     (log, text, state)
 }
 
@@ -529,8 +517,8 @@ fn upload_a_backlog(
 fn a_backlog_goes_up_in_batches_of_chunks() {
     let tmp = tempfile::tempdir().unwrap();
     let (_, text, _) = upload_a_backlog(tmp.path(), &[], "dev-b");
-    let chunks = metric(&text, "blackbox_chunks_stored_total");
-    let requests = metric(&text, "blackbox_http_requests_total{status=\"201\"}");
+    let chunks = metric(&text, "blackbox_chunks_stored_total").unwrap_or(0);
+    let requests = metric(&text, "blackbox_http_requests_total{status=\"201\"}").unwrap_or(0);
     assert!(chunks >= 200, "{chunks} chunks: the blocks were not small");
     assert!(
         requests * 8 <= chunks,
@@ -700,9 +688,9 @@ fn a_batch_over_the_servers_body_limit_makes_the_agent_send_smaller_batches() {
         !state.join("rejected").exists(),
         "nothing set aside:\n{log}"
     );
-    let chunks = metric(&text, "blackbox_chunks_stored_total");
-    let requests = metric(&text, "blackbox_http_requests_total{status=\"201\"}");
-    let too_large = metric(&text, "blackbox_http_requests_total{status=\"413\"}");
+    let chunks = metric(&text, "blackbox_chunks_stored_total").unwrap_or(0);
+    let requests = metric(&text, "blackbox_http_requests_total{status=\"201\"}").unwrap_or(0);
+    let too_large = metric(&text, "blackbox_http_requests_total{status=\"413\"}").unwrap_or(0);
     assert_eq!(
         too_large, 1,
         "one 413, then batches within the limit\n{text}"
@@ -711,4 +699,55 @@ fn a_batch_over_the_servers_body_limit_makes_the_agent_send_smaller_batches() {
         requests * 4 <= chunks,
         "{chunks} chunks took {requests} requests: not batched\n{text}"
     );
+}
+
+/// The S3 server goes away while an agent uploads (its port refuses connections): the
+/// receiver's segment writes fail after the store client's retries, it answers 503 +
+/// Retry-After without the store's details (they are in its log and
+/// `blackbox_store_errors_total`), acknowledges nothing, and the agent keeps its lines and
+/// retries. When S3 is back every line is stored once, in order.
+#[test]
+fn an_s3_outage_holds_uploads_back_and_loses_nothing() {
+    let mut weed = Weed::start().expect("SeaweedFS (run `cargo xtask test`, which installs it)");
+    let store = weed.store_url("outage");
+    let env = weed.env();
+    let tmp = tempfile::tempdir().unwrap();
+    let (server, metrics) = receiver_for_store_failures(&store, env.clone(), tmp.path());
+    let (mut kmsg, agent) =
+        agent_with_100_lines_stored(&server, tmp.path(), &tmp.path().join("state"), "dev-s3");
+    let stored = |n: usize| read_store(&store, &env).len() == n;
+
+    weed.stop();
+    kmsg.append(100, "during");
+    let refused = wait_until(Duration::from_secs(120), || {
+        agent.log_text().matches("failed: 503").count() >= 2
+    });
+    let (agent_log, server_log) = (agent.log_text(), server.log_text());
+    assert!(refused, "server:\n{server_log}\nagent:\n{agent_log}");
+    assert!(
+        agent_log.contains("the store is unavailable, retry later"),
+        "{agent_log}"
+    );
+    let endpoint = weed.endpoint.trim_start_matches("http://");
+    assert!(
+        !agent_log.contains(endpoint),
+        "the answer names the store: {agent_log}"
+    );
+    assert!(
+        server_log.contains("segment write failed") && server_log.contains(endpoint),
+        "{server_log}"
+    );
+    let m = http_text(&format!("http://{metrics}/metrics"));
+    assert!(
+        metric(&m, "blackbox_store_errors_total").is_some_and(|n| n >= 2),
+        "{m}"
+    );
+    weed.start_again().unwrap();
+    assert!(
+        wait_until(Duration::from_secs(60), || stored(200)),
+        "{}",
+        agent.log_text()
+    );
+    let by_dev = seqs_by_device(&read_store(&store, &env));
+    assert_eq!(by_dev["dev-s3"], (0..200).collect::<Vec<u64>>());
 }

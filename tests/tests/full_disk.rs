@@ -12,7 +12,8 @@ use blackbox_protocol::SyncPoint;
 use blackbox_server::timespec::now_us;
 use blackbox_tests::downstream::{corpus_lines, events, grind_args, line_chunks, post, server_cmd};
 use blackbox_tests::harness::{
-    Agent, BOOT, KmsgFile, Server, bin, free_port, read_store, seqs_by_device, wait_until,
+    BOOT, KmsgFile, Server, agent_with_100_lines_stored, bin, free_port, http_text, metric,
+    read_store, receiver_for_store_failures, seqs_by_device, wait_until,
 };
 
 /// A tmpfs of a few MiB mounted for one test (unmounted when dropped), standing in for a disk.
@@ -79,20 +80,6 @@ impl Drop for SmallDisk {
     }
 }
 
-fn get(url: &str) -> String {
-    ureq::get(url)
-        .call()
-        .ok()
-        .and_then(|mut r| r.body_mut().read_to_string().ok())
-        .unwrap_or_default()
-}
-
-/// A metric's value in Prometheus text (`name value`).
-fn metric(text: &str, name: &str) -> Option<u64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-}
-
 /// The store's disk fills while an agent uploads: the receiver answers 503 (its log says the
 /// disk is full, `blackbox_store_errors_total` counts the failed segments), acknowledges
 /// nothing it could not store and leaves no partial object; the agent keeps its lines and
@@ -103,20 +90,7 @@ fn a_full_disk_refuses_uploads_with_503_and_loses_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     let disk = SmallDisk::mount(&tmp.path().join("disk"), "8m");
     let store = format!("file://{}", disk.dir.join("store").display());
-    let metrics = format!("127.0.0.1:{}", free_port());
-    let server = Server::start(
-        &store,
-        vec![],
-        &[
-            "--segment-max-age-ms",
-            "100",
-            "--retry-after",
-            "1",
-            "--metrics-listen",
-            &metrics,
-        ],
-        tmp.path(),
-    );
+    let (server, metrics) = receiver_for_store_failures(&store, vec![], tmp.path());
     let (mut kmsg, agent) =
         agent_with_100_lines_stored(&server, tmp.path(), &tmp.path().join("state"), "full-disk");
     let stored = |n: usize| read_store(&store, &[]).len() == n;
@@ -146,7 +120,7 @@ fn a_full_disk_refuses_uploads_with_503_and_loses_nothing() {
         .filter(|p| !(p.ends_with(".seg.gz") || p.ends_with(".idx")))
         .collect();
     assert!(leftovers.is_empty(), "partial objects left: {leftovers:?}");
-    let m = get(&format!("http://{metrics}/metrics"));
+    let m = http_text(&format!("http://{metrics}/metrics"));
     assert!(
         metric(&m, "blackbox_store_errors_total").is_some_and(|n| n > 0),
         "{m}"
@@ -160,7 +134,7 @@ fn a_full_disk_refuses_uploads_with_503_and_loses_nothing() {
     );
     let by_dev = seqs_by_device(&read_store(&store, &[]));
     assert_eq!(by_dev["full-disk"], (0..200).collect::<Vec<u64>>());
-    assert_eq!(get(&format!("{}/healthz", server.url())), "ok\n");
+    assert_eq!(http_text(&format!("{}/healthz", server.url())), "ok\n");
 }
 
 /// A store on a small disk (8 MiB) with a receiver writing to it, and the default rules.
@@ -273,7 +247,7 @@ struct Follower {
 
 impl Follower {
     fn metrics(&self) -> String {
-        get(&format!("http://{}/metrics", self.metrics))
+        http_text(&format!("http://{}/metrics", self.metrics))
     }
 
     fn log(&self) -> String {
@@ -537,31 +511,6 @@ fn no_room_for_the_agents_ring_is_a_clear_error_at_start() {
 
 /// An agent for `server` with its state in `state`, reading a kmsg file in `dir` (not on the
 /// disk that fills) that holds 100 lines, once those are stored.
-fn agent_with_100_lines_stored(
-    server: &Server,
-    dir: &Path,
-    state: &Path,
-    device: &str,
-) -> (KmsgFile, Agent) {
-    let mut kmsg = KmsgFile::new(dir.join(format!("{device}.kmsg")));
-    kmsg.append(100, "before");
-    let agent = Agent::start(
-        &server.url(),
-        state,
-        &kmsg.path,
-        device,
-        &["--interval", "1"],
-    );
-    assert!(
-        wait_until(Duration::from_secs(30), || read_store(&server.store, &[])
-            .len()
-            == 100),
-        "{}",
-        agent.log_text()
-    );
-    (kmsg, agent)
-}
-
 fn signal(sig: &str, pid: &str) {
     let st = Command::new("kill").args([sig, pid]).status().unwrap();
     assert!(st.success(), "kill {sig} {pid}");

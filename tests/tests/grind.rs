@@ -12,7 +12,7 @@ use blackbox_server::timespec::now_us;
 use blackbox_tests::downstream::{
     Rec, corpus_lines, encode, events, grind_args, line_chunks, post, server_cmd, server_ok,
 };
-use blackbox_tests::harness::{Server, bin, duckdb, wait_until};
+use blackbox_tests::harness::{Server, bin, duckdb, http_text, wait_until};
 
 const S: i64 = 1_000_000;
 
@@ -353,12 +353,7 @@ fn follows_reloads_counts_and_regrinds() {
         "{names:?}"
     );
 
-    let body = ureq::get(format!("http://{metrics}/metrics"))
-        .call()
-        .unwrap()
-        .into_body()
-        .read_to_string()
-        .unwrap();
+    let body = http_text(&format!("http://{metrics}/metrics"));
     for want in [
         "blackbox_events_total{name=\"oom_kill\",process=\"dnsmasq\"} 2",
         "blackbox_events_total{name=\"link_down\",iface=\"eth0\"} 2",
@@ -395,11 +390,7 @@ fn follows_reloads_counts_and_regrinds() {
     let mut again = follower();
     let want = "blackbox_events_window{name=\"oom_kill\",process=\"dnsmasq\",window=\"1h\"} 2";
     let served = wait_until(Duration::from_secs(20), || {
-        ureq::get(format!("http://{metrics}/metrics"))
-            .call()
-            .ok()
-            .and_then(|r| r.into_body().read_to_string().ok())
-            .is_some_and(|b| b.contains(want))
+        http_text(&format!("http://{metrics}/metrics")).contains(want)
     });
     again.kill().unwrap();
     again.wait().unwrap();
@@ -456,13 +447,7 @@ fn a_second_grinder_stands_by_and_takes_over() {
             .unwrap();
         (child, port, log)
     };
-    let metrics = |port: u16| {
-        ureq::get(format!("http://127.0.0.1:{port}/metrics"))
-            .call()
-            .ok()
-            .and_then(|r| r.into_body().read_to_string().ok())
-            .unwrap_or_default()
-    };
+    let metrics = |port: u16| http_text(&format!("http://127.0.0.1:{port}/metrics"));
     let log = |p: &std::path::Path| std::fs::read_to_string(p).unwrap_or_default();
 
     send(1);

@@ -6,7 +6,9 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use blackbox_tests::harness::{Server, free_port, read_store, seqs_by_device, wait_until};
+use blackbox_tests::harness::{
+    Server, free_port, http_text, read_store, seqs_by_device, wait_until,
+};
 use blackbox_tests::tlsclient::chunk;
 
 fn head(device: &str, len: usize) -> String {
@@ -101,12 +103,7 @@ fn over_the_connection_limit_new_connections_are_closed_and_idle_ones_time_out()
     }
     let c = chunk("dev-c", 0, 10);
     assert_eq!(upload(server.port, "dev-c", &c).map(|a| a.0), Some(201));
-    let metrics = ureq::get(format!("http://127.0.0.1:{mport}/metrics"))
-        .call()
-        .unwrap()
-        .body_mut()
-        .read_to_string()
-        .unwrap();
+    let metrics = http_text(&format!("http://127.0.0.1:{mport}/metrics"));
     assert!(
         metrics.contains("blackbox_shed_total{reason=\"connections\"} 1\n"),
         "{metrics}"
