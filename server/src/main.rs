@@ -350,6 +350,11 @@ struct ServeArgs {
     /// Write a segment once its first chunk is this many milliseconds old.
     #[arg(long, default_value_t = 1000)]
     segment_max_age_ms: u64,
+    /// Seconds a checked upload waits for its segment to be written before it is answered
+    /// 503 + Retry-After (a hanging store; keep it below the agents' --timeout, 30 s). The
+    /// write goes on: a retry of a chunk it stored is answered "duplicate".
+    #[arg(long, default_value_t = 10.0)]
+    commit_timeout: f64,
     /// Hours of index objects read back at start-up to recognise retries.
     #[arg(long, default_value_t = 2)]
     recover_hours: u32,
@@ -723,6 +728,10 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         min_body_rate: a.min_body_rate,
         retry_after_secs: a.retry_after,
         limits,
+        commit_wait: Duration::try_from_secs_f64(a.commit_timeout)
+            .ok()
+            .filter(|d| !d.is_zero())
+            .context("--commit-timeout must be a positive number of seconds")?,
         ..ReceiveConfig::default()
     };
     let serve_cfg = ServeConfig {

@@ -25,15 +25,19 @@ pub enum Shed {
     Draining,
     /// Over `--max-connections`: the connection was closed right after accept.
     Connections,
+    /// The chunk's segment was not written within `--commit-timeout` (the store is slow or
+    /// hangs); the write goes on, and a retry of a chunk it stores is recognised.
+    Store,
 }
 
 impl Shed {
-    const ALL: [Self; 5] = [
+    const ALL: [Self; 6] = [
         Self::Inflight,
         Self::Memory,
         Self::Decoders,
         Self::Draining,
         Self::Connections,
+        Self::Store,
     ];
 
     fn label(self) -> &'static str {
@@ -43,6 +47,7 @@ impl Shed {
             Self::Decoders => "decoders",
             Self::Draining => "draining",
             Self::Connections => "connections",
+            Self::Store => "store",
         }
     }
 }

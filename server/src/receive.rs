@@ -13,7 +13,7 @@
 //! | 401 / 403 | no device identity / device not allowed, or chunk claims another device |
 //! | 408 | body not received in time (too slow: see [`ReceiveConfig::min_body_rate`]) |
 //! | 413 | body over `--max-body` (the answer's `max_body` says the limit), or a chunk's declared inflated size over its limit |
-//! | 503 + Retry-After | shed at once: over the in-flight limit or the body budget, no decoder free within 5 s, shutting down; or the store failing |
+//! | 503 + Retry-After | shed at once: over the in-flight limit or the body budget, no decoder free within 5 s, shutting down; or the store failing, or not writing the chunk's segment within `--commit-timeout` (10 s) |
 //!
 //! Over `--max-connections` a connection is closed right after accept, before TLS (see
 //! [`crate::accept`]): under a flood that is where most shedding happens.
@@ -91,6 +91,11 @@ pub struct ReceiveConfig {
     pub min_body_rate: u32,
     /// Time allowed on top of the rate (connection hiccups, the first round trips).
     pub body_grace: Duration,
+    /// Longest wait, once a request is checked, for its chunks' segment to be written: a store
+    /// that hangs gets the device a 503 + Retry-After before its own timeout (the agent's is
+    /// 30 s) instead of a request held open. The write goes on; if it stores a chunk, its
+    /// retry is answered "duplicate".
+    pub commit_wait: Duration,
 }
 
 impl Default for ReceiveConfig {
@@ -106,6 +111,7 @@ impl Default for ReceiveConfig {
             body_timeout: Duration::from_secs(30),
             min_body_rate: 4096,
             body_grace: Duration::from_secs(5),
+            commit_wait: Duration::from_secs(10),
         }
     }
 }
@@ -307,6 +313,7 @@ fn shed_reason(s: Shed) -> &'static str {
         Shed::Memory => "overloaded (body budget in use)",
         Shed::Decoders => "overloaded (no decoder free in time)",
         Shed::Draining | Shed::Connections => "shutting down",
+        Shed::Store => "the store is slow (the chunk was not written in time)",
     }
 }
 
@@ -515,6 +522,11 @@ async fn post_chunk(
         });
     }
     let retry = st.cfg.retry_after_secs;
+    let commit_by = tokio::time::Instant::now() + st.cfg.commit_wait;
+    let too_slow = || {
+        st.metrics.shed(Shed::Store);
+        ApiError::Overloaded(Shed::Store, retry)
+    };
     let single = members.len() == 1;
     let mut budget = Some(budget);
     let mut waiting = Vec::with_capacity(members.len());
@@ -528,10 +540,12 @@ async fn post_chunk(
         };
         let id = m.accepted.id.to_string();
         let records = m.accepted.records;
-        let pending = st
+        let enqueued = st
             .committer
-            .enqueue(m.accepted, bytes.slice(m.range), share)
+            .enqueue(m.accepted, bytes.slice(m.range), share);
+        let pending = tokio::time::timeout_at(commit_by, enqueued)
             .await
+            .map_err(|_| too_slow())?
             .map_err(|e| ApiError::Commit(e, retry))?;
         waiting.push((id, records, pending));
     }
@@ -543,7 +557,10 @@ async fn post_chunk(
     let mut answers = Vec::with_capacity(waiting.len());
     let mut stored = false;
     for (id, records, pending) in waiting {
-        answers.push(match pending.outcome().await {
+        let outcome = tokio::time::timeout_at(commit_by, pending.outcome())
+            .await
+            .map_err(|_| too_slow())?;
+        answers.push(match outcome {
             Ok(Outcome::Stored { segment }) => {
                 stored = true;
                 serde_json::json!({"status": "stored", "chunk": id, "records": records, "segment": segment})

@@ -533,37 +533,36 @@ pub fn seqs_by_device(lines: &[StoredLine]) -> HashMap<String, Vec<u64>> {
 }
 
 /// A receiver (development mode) on `store` for tests where the store fails under uploads: it
-/// writes a segment every 100 ms, asks for retries after 1 s, and serves `/metrics` on the
-/// address returned beside it.
+/// writes a segment every 100 ms, asks for retries after 1 s, takes `extra` arguments, and
+/// serves `/metrics` on the address returned beside it.
 pub fn receiver_for_store_failures(
     store: &str,
     env: Vec<(String, String)>,
+    extra: &[&str],
     log_dir: &Path,
 ) -> (Server, String) {
     let metrics = format!("127.0.0.1:{}", free_port());
-    let server = Server::start(
-        store,
-        env,
-        &[
-            "--segment-max-age-ms",
-            "100",
-            "--retry-after",
-            "1",
-            "--metrics-listen",
-            &metrics,
-        ],
-        log_dir,
-    );
+    let mut args = vec![
+        "--segment-max-age-ms",
+        "100",
+        "--retry-after",
+        "1",
+        "--metrics-listen",
+        &metrics,
+    ];
+    args.extend(extra);
+    let server = Server::start(store, env, &args, log_dir);
     (server, metrics)
 }
 
-/// An agent of `device` (state in `state`, its kernel log a file in `dir`) uploading every
-/// second to `server`, once its first 100 lines ("before") are stored.
+/// An agent of `device` (state in `state`, its kernel log a file in `dir`, more arguments in
+/// `extra`) uploading every second to `server`, once its first 100 lines ("before") are stored.
 pub fn agent_with_100_lines_stored(
     server: &Server,
     dir: &Path,
     state: &Path,
     device: &str,
+    extra: &[&str],
 ) -> (KmsgFile, Agent) {
     let mut kmsg = KmsgFile::new(dir.join(format!("{device}.kmsg")));
     kmsg.append(100, "before");
@@ -572,7 +571,7 @@ pub fn agent_with_100_lines_stored(
         state,
         &kmsg.path,
         device,
-        &["--interval", "1"],
+        &[&["--interval", "1"], extra].concat(),
     );
     assert!(
         wait_until(Duration::from_secs(30), || read_store(

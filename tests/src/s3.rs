@@ -140,6 +140,25 @@ impl Weed {
         self.stop_gracefully();
     }
 
+    /// Freezes the server (SIGSTOP): connections are still accepted by the kernel, but no
+    /// request is answered until [`Weed::resume`], as with a store that hangs.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Lets a paused server go on (SIGCONT).
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill {sig} SeaweedFS failed");
+    }
+
     /// Starts a stopped server again on the same data and ports; returns once it is ready.
     pub fn start_again(&mut self) -> Result<()> {
         let deadline = Instant::now() + READY_TIMEOUT;

@@ -712,9 +712,14 @@ fn an_s3_outage_holds_uploads_back_and_loses_nothing() {
     let store = weed.store_url("outage");
     let env = weed.env();
     let tmp = tempfile::tempdir().unwrap();
-    let (server, metrics) = receiver_for_store_failures(&store, env.clone(), tmp.path());
-    let (mut kmsg, agent) =
-        agent_with_100_lines_stored(&server, tmp.path(), &tmp.path().join("state"), "dev-s3");
+    let (server, metrics) = receiver_for_store_failures(&store, env.clone(), &[], tmp.path());
+    let (mut kmsg, agent) = agent_with_100_lines_stored(
+        &server,
+        tmp.path(),
+        &tmp.path().join("state"),
+        "dev-s3",
+        &[],
+    );
     let stored = |n: usize| read_store(&store, &env).len() == n;
 
     weed.stop();
@@ -750,4 +755,54 @@ fn an_s3_outage_holds_uploads_back_and_loses_nothing() {
     );
     let by_dev = seqs_by_device(&read_store(&store, &env));
     assert_eq!(by_dev["dev-s3"], (0..200).collect::<Vec<u64>>());
+}
+
+/// The S3 server hangs (SIGSTOP: connections are accepted, nothing is answered) while an agent
+/// uploads with a 60 s request timeout: the receiver answers 503 + Retry-After once a chunk's
+/// segment is not written within `--commit-timeout` (2 s here) instead of holding the request
+/// until the agent gives up, and counts it in `blackbox_shed_total{reason="store"}`. The write
+/// goes on; when S3 wakes, every line is stored once, in order (the retries of chunks that
+/// write stored are recognised).
+#[test]
+fn a_hanging_s3_gets_devices_a_503_instead_of_a_held_request() {
+    let weed = Weed::start().expect("SeaweedFS (run `cargo xtask test`, which installs it)");
+    let store = weed.store_url("hang");
+    let env = weed.env();
+    let tmp = tempfile::tempdir().unwrap();
+    let (server, metrics) =
+        receiver_for_store_failures(&store, env.clone(), &["--commit-timeout", "2"], tmp.path());
+    let (mut kmsg, agent) = agent_with_100_lines_stored(
+        &server,
+        tmp.path(),
+        &tmp.path().join("state"),
+        "dev-hang",
+        &["--timeout", "60"],
+    );
+    let stored = |n: usize| read_store(&store, &env).len() == n;
+
+    weed.pause();
+    kmsg.append(100, "during");
+    // Well before the agent's own 60 s timeout.
+    let answered = wait_until(Duration::from_secs(20), || {
+        agent.log_text().contains("the store is slow")
+    });
+    let m = http_text(&format!("http://{metrics}/metrics"));
+    weed.resume();
+    assert!(
+        answered,
+        "agent:\n{}\nserver:\n{}",
+        agent.log_text(),
+        server.log_text()
+    );
+    assert!(
+        metric(&m, "blackbox_shed_total{reason=\"store\"}").is_some_and(|n| n >= 1),
+        "{m}"
+    );
+    assert!(
+        wait_until(Duration::from_secs(90), || stored(200)),
+        "{}",
+        agent.log_text()
+    );
+    let by_dev = seqs_by_device(&read_store(&store, &env));
+    assert_eq!(by_dev["dev-hang"], (0..200).collect::<Vec<u64>>());
 }

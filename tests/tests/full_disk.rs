@@ -90,9 +90,14 @@ fn a_full_disk_refuses_uploads_with_503_and_loses_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     let disk = SmallDisk::mount(&tmp.path().join("disk"), "8m");
     let store = format!("file://{}", disk.dir.join("store").display());
-    let (server, metrics) = receiver_for_store_failures(&store, vec![], tmp.path());
-    let (mut kmsg, agent) =
-        agent_with_100_lines_stored(&server, tmp.path(), &tmp.path().join("state"), "full-disk");
+    let (server, metrics) = receiver_for_store_failures(&store, vec![], &[], tmp.path());
+    let (mut kmsg, agent) = agent_with_100_lines_stored(
+        &server,
+        tmp.path(),
+        &tmp.path().join("state"),
+        "full-disk",
+        &[],
+    );
     let stored = |n: usize| read_store(&store, &[]).len() == n;
 
     disk.fill();
@@ -447,6 +452,7 @@ fn a_disk_that_fills_under_the_agents_ring_does_not_stop_it() {
         tmp.path(),
         &disk.dir.join("state"),
         "ring-on-a-full-disk",
+        &[],
     );
     let stored = |n: usize| read_store(&store, &[]).len() == n;
     disk.fill();
